@@ -1,0 +1,1 @@
+"""Production Triton kernels. Each public function checks its arguments, allocates, launches."""

@@ -1,0 +1,1 @@
+"""The kernelfuzz harness: strategies, builders, the error budget, poison/guard, the registry."""
