@@ -31,17 +31,21 @@ def token_counts(*, max_tokens: int, min_tokens: int = 0):
         else st.integers(min_tokens, max_tokens)
 
 
-@st.composite
-def head_counts(draw, *, max_kv_heads: int, max_ratio: int, max_heads: int = None, min_kv_heads: int = 1):
+def head_counts(*, max_kv_heads: int, max_ratio: int, max_heads: int = None, min_kv_heads: int = 1):
     """(num_heads, num_kv_heads) with num_heads % num_kv_heads == 0: ratio 1 (MHA) and large
-    ratios (MQA-like) both reachable. Shrinks towards (1, 1)."""
+    ratios (MQA-like) both reachable. Shrinks towards (min_kv_heads, min_kv_heads)."""
     _check_bounds("min_kv_heads", min_kv_heads, "max_kv_heads", max_kv_heads)
     if max_ratio < 1:
         raise ValueError(f"Cannot have max_ratio={max_ratio} < 1")
-    kvh = draw(st.integers(min_kv_heads, max_kv_heads))
-    top = max_ratio if max_heads is None else max(1, min(max_ratio, max_heads // kvh))
-    ratio = draw(st.one_of(st.just(1), st.just(top), st.integers(1, top)))
-    return kvh * ratio, kvh
+
+    @st.composite
+    def draw_counts(draw):
+        kvh = draw(st.integers(min_kv_heads, max_kv_heads))
+        top = max_ratio if max_heads is None else max(1, min(max_ratio, max_heads // kvh))
+        ratio = draw(st.one_of(st.just(1), st.just(top), st.integers(1, top)))
+        return kvh * ratio, kvh
+
+    return draw_counts()
 
 
 def even_dims(*, min_dim: int = 2, max_dim: int):

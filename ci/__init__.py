@@ -1,0 +1,1 @@
+"""Entry points behind ./ci/test (the gate) and ./ci/campaign (the fuzz campaign)."""
