@@ -66,8 +66,6 @@ def _record(folder: str) -> list:
 
 
 def _summary(junit: str, added: list, seed: int) -> None:
-    from rich.console import Console
-    from rich.table import Table
     rows = {}
     if os.path.exists(junit):
         for case in ET.parse(junit).getroot().iter("testcase"):
@@ -80,12 +78,22 @@ def _summary(junit: str, added: list, seed: int) -> None:
             r["seconds"] += float(case.get("time", 0))
             if status == "failed":
                 r["failing"].append(prop)
+    cols = ("op", "passed", "failed", "seconds", "new regressions", "failing properties")
+    body = [(op, str(r["passed"]), str(r["failed"]), f"{r['seconds']:.0f}",
+             str(sum(1 for e in added if e["op"] == op)), ", ".join(r["failing"])) for op, r in sorted(rows.items())]
+    try:
+        from rich.console import Console
+        from rich.table import Table
+    except ImportError:  # the GPU machine may lack rich: plain text
+        print(f"kernelfuzz campaign (seed {seed})")
+        for row in (cols,) + tuple(body):
+            print("  ".join(row))
+        return
     table = Table(title=f"kernelfuzz campaign (seed {seed})")
-    for col in ("op", "passed", "failed", "seconds", "new regressions", "failing properties"):
+    for col in cols:
         table.add_column(col)
-    for op, r in sorted(rows.items()):
-        new = sum(1 for e in added if e["op"] == op)
-        table.add_row(op, str(r["passed"]), str(r["failed"]), f"{r['seconds']:.0f}", str(new), ", ".join(r["failing"]))
+    for row in body:
+        table.add_row(*row)
     Console().print(table)
 
 
