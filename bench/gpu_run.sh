@@ -19,7 +19,7 @@ if [ "$what" = tests ] || [ "$what" = all ]; then
 fi
 if [ "$what" = bench ] || [ "$what" = all ]; then
     export BENCH_OUT="$out/bench.jsonl"
-    for op in qkv_norm_rope_cache mla_decode gather_kv_b_proj kda; do
+    for op in ${BENCH_OPS:-qkv_norm_rope_cache mla_decode gather_kv_b_proj kda}; do
         [ -f "bench/$op.py" ] || continue
         echo "== bench $op"
         timeout "${BENCH_TIMEOUT:-150}" python3 -m "bench.$op" ${BENCH_ARGS:-} > "$out/bench-$op.log" 2>&1

@@ -14,7 +14,7 @@ def main(argv) -> int:
         parallel = []
     else:
         parallel = ["-n", str(workers.count())]
-    return pytest.main(parallel + ["-q", "--durations=10"] + args)
+    return pytest.main(parallel + ["--durations=10"] + args)
 
 
 if __name__ == "__main__":

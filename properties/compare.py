@@ -84,16 +84,16 @@ def assert_close(name: str, actual: torch.Tensor, golden: torch.Tensor, referenc
 
 
 def _bits(x: torch.Tensor) -> torch.Tensor:
-    x = x.detach().contiguous().cpu()
+    x = x.detach().contiguous()
     ints = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}[x.element_size()]
     return x.view(ints)
 
 
 def equal_bits(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """Elementwise: same bits, or both NaN (payloads aside)."""
-    same = _bits(a) == _bits(b)
+    same = _bits(a) == _bits(b.to(a.device))
     if a.dtype.is_floating_point:
-        same |= torch.isnan(a.detach().cpu().float()) & torch.isnan(b.detach().cpu().float())
+        same |= torch.isnan(a.detach().float()) & torch.isnan(b.detach().to(a.device).float())
     return same
 
 

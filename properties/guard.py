@@ -47,25 +47,28 @@ class Guarded:
         if fill is not None:
             self.tensor.copy_(fill)
         self.before = self.buffer.clone()
-        # index of each element of `tensor` in `buffer`
-        self._where = torch.arange(self.buffer.numel(), device="cpu").as_strided(shape, tuple(strides), guard)
+        self._strides = tuple(strides)
 
     def check(self, name: str, allowed: Optional[torch.Tensor] = None) -> None:
         """Every element outside `allowed` (a bool mask broadcastable to `tensor`) is unchanged."""
-        free = torch.zeros(self.buffer.numel(), dtype=torch.bool)
+        free = torch.zeros(self.buffer.numel(), dtype=torch.bool, device=self.buffer.device)
         if allowed is not None:
-            mask = allowed.cpu().expand(self.tensor.shape)
-            free[self._where[mask]] = True
+            view = free.as_strided(self.tensor.shape, self._strides, self.guard)
+            view[allowed.to(free.device).expand(self.tensor.shape)] = True
         same = equal_bits(self.buffer, self.before)
         bad = ~same & ~free
         if bad.any():
             i = int(bad.nonzero()[0])
             where = "guard band before" if i < self.guard else (
                 "guard band after" if i >= self.buffer.numel() - self.guard else "buffer")
-            inside = (self._where == i).nonzero()
-            at = f" (element {tuple(inside[0].tolist())} of the view)" if inside.numel() else ""
+            at = ""
+            if where == "buffer":
+                marker = torch.zeros(self.buffer.numel(), dtype=torch.bool)
+                marker[i] = True
+                inside = marker.as_strided(self.tensor.shape, self._strides, self.guard).nonzero()
+                at = f" (element {tuple(inside[0].tolist())} of the view)" if inside.numel() else " (a gap between strides)"
             _fail(f"{name}: {int(bad.sum())} element(s) changed that must not be; first at buffer offset "
-                  f"{i} in the {where}{at}: {self.before[i].item()!r} -> {self.buffer[i].item()!r}")
+                  f"{i} in the {where}{at}: {self.before[i].float().item()!r} -> {self.buffer[i].float().item()!r}")
 
 
 class Unchanged:

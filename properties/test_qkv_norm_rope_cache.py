@@ -31,7 +31,8 @@ def golden_and_reference(inputs):
 
 def check_cache_rows(name, cache, layout, slots, capacity, rows_gold, rows_ref):
     """Each written slot holds, element by element, the row of one of the tokens that map to it."""
-    got = inp.cache_rows(cache, layout)
+    got = inp.cache_rows(cache, layout).double().cpu()
+    rows_gold, rows_ref = rows_gold.cpu(), rows_ref.cpu().double()
     slots = slots.long().cpu()
     valid = ((slots >= 0) & (slots < capacity)).nonzero().flatten()
     if valid.numel() == 0:
@@ -40,12 +41,12 @@ def check_cache_rows(name, cache, layout, slots, capacity, rows_gold, rows_ref):
     actual, gold, ref = [], [], []
     for s in targets.tolist():
         tokens = valid[slots[valid] == s]
-        a = got[s].double().cpu()
-        cand = rows_gold[tokens].cpu()                       # [n, kvh, D]
+        a = got[s]
+        cand = rows_gold[tokens]                             # [n, kvh, D]
         pick = (cand - a[None]).abs().argmin(dim=0, keepdim=True)
         actual.append(a)
         gold.append(cand.gather(0, pick)[0])
-        ref.append(rows_ref[tokens].cpu().double().gather(0, pick)[0])
+        ref.append(rows_ref[tokens].gather(0, pick)[0])
     assert_close(name, torch.stack(actual), torch.stack(gold), torch.stack(ref), out_dtype=cache.dtype)
 
 
