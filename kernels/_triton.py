@@ -11,7 +11,7 @@ import os
 import triton
 import triton.language as tl
 
-FP8_MAX = 448.0  # largest finite float8_e4m3fn value: 1.75 * 2**8
+FP8_MAX = tl.constexpr(448.0)  # largest finite float8_e4m3fn value: 1.75 * 2**8 (constexpr: usable in kernels)
 
 
 def interpreting() -> bool:

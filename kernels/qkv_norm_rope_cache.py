@@ -89,44 +89,44 @@ def _qkv_norm_rope_cache_kernel(
 
     p_row = qkv + i_t * s_x_t
     if i_j < NQT:
-        o_h = i_j * BHQ + tl.arange(0, BHQ)
-        m_hd = (o_h < QH)[:, None] & m_d[None, :]
+        o_qh = i_j * BHQ + tl.arange(0, BHQ)
+        m_qd = (o_qh < QH)[:, None] & m_d[None, :]
         # [BHQ, BD]
-        o_col = o_h[:, None].to(tl.int64) * q_hs
-        b_q = tl.load(p_row + (o_col + o_d[None, :]) * s_x_w, mask=m_hd, other=0.0).to(tl.float32)
-        b_qp = tl.load(p_row + (o_col + o_pd[None, :]) * s_x_w, mask=m_hd, other=0.0).to(tl.float32)
+        o_col = o_qh[:, None].to(tl.int64) * q_hs
+        b_q = tl.load(p_row + (o_col + o_d[None, :]) * s_x_w, mask=m_qd, other=0.0).to(tl.float32)
+        b_qp = tl.load(p_row + (o_col + o_pd[None, :]) * s_x_w, mask=m_qd, other=0.0).to(tl.float32)
         b_q = _norm_rope(b_q, b_qp, q_norm_w, o_d * s_qw, o_pd * s_qw, m_d, D, eps, w_offset,
                          b_cos, b_sin, b_sign)
-        p_q = q_out + i_t * s_qo_t + o_h[:, None].to(tl.int64) * s_qo_h + o_d[None, :] * s_qo_d
-        tl.store(p_q, cast_to(b_q, q_out.dtype.element_ty, EXACT_ROUNDING), mask=m_hd)
+        p_q = q_out + i_t * s_qo_t + o_qh[:, None].to(tl.int64) * s_qo_h + o_d[None, :] * s_qo_d
+        tl.store(p_q, cast_to(b_q, q_out.dtype.element_ty, EXACT_ROUNDING), mask=m_qd)
         if HAS_GATE:
             # [BHQ, BD] raw copy, same dtype
-            o_gcol = g_col + o_h[:, None].to(tl.int64) * g_hs + o_d[None, :]
-            b_g = tl.load(p_row + o_gcol * s_x_w, mask=m_hd)
-            p_g = g_out + i_t * s_go_t + o_h[:, None].to(tl.int64) * s_go_h + o_d[None, :] * s_go_d
-            tl.store(p_g, b_g, mask=m_hd)
+            o_gcol = g_col + o_qh[:, None].to(tl.int64) * g_hs + o_d[None, :]
+            b_g = tl.load(p_row + o_gcol * s_x_w, mask=m_qd)
+            p_g = g_out + i_t * s_go_t + o_qh[:, None].to(tl.int64) * s_go_h + o_d[None, :] * s_go_d
+            tl.store(p_g, b_g, mask=m_qd)
     else:
-        o_h = (i_j - NQT) * BHK + tl.arange(0, BHK)
-        m_hd = (o_h < KVH)[:, None] & m_d[None, :]
-        o_hcol = o_h[:, None].to(tl.int64) * D
+        o_kh = (i_j - NQT) * BHK + tl.arange(0, BHK)
+        m_kd = (o_kh < KVH)[:, None] & m_d[None, :]
+        o_hcol = o_kh[:, None].to(tl.int64) * D
         # [BHK, BD]
-        b_k = tl.load(p_row + (k_col + o_hcol + o_d[None, :]) * s_x_w, mask=m_hd, other=0.0).to(tl.float32)
-        b_kp = tl.load(p_row + (k_col + o_hcol + o_pd[None, :]) * s_x_w, mask=m_hd, other=0.0).to(tl.float32)
+        b_k = tl.load(p_row + (k_col + o_hcol + o_d[None, :]) * s_x_w, mask=m_kd, other=0.0).to(tl.float32)
+        b_kp = tl.load(p_row + (k_col + o_hcol + o_pd[None, :]) * s_x_w, mask=m_kd, other=0.0).to(tl.float32)
         b_k = _norm_rope(b_k, b_kp, k_norm_w, o_d * s_kw, o_pd * s_kw, m_d, D, eps, w_offset,
                          b_cos, b_sin, b_sign)
-        b_v = tl.load(p_row + (v_col + o_hcol + o_d[None, :]) * s_x_w, mask=m_hd, other=0.0)
-        o_ho = o_h[:, None].to(tl.int64)
+        b_v = tl.load(p_row + (v_col + o_hcol + o_d[None, :]) * s_x_w, mask=m_kd, other=0.0)
+        o_ho = o_kh[:, None].to(tl.int64)
         p_k = k_out + i_t * s_ko_t + o_ho * s_ko_h + o_d[None, :] * s_ko_d
-        tl.store(p_k, cast_to(b_k, k_out.dtype.element_ty, EXACT_ROUNDING), mask=m_hd)
+        tl.store(p_k, cast_to(b_k, k_out.dtype.element_ty, EXACT_ROUNDING), mask=m_kd)
         p_v = v_out + i_t * s_vo_t + o_ho * s_vo_h + o_d[None, :] * s_vo_d
-        tl.store(p_v, b_v, mask=m_hd)
+        tl.store(p_v, b_v, mask=m_kd)
 
         b_slot = tl.load(slot_mapping + i_t * s_slot).to(tl.int64)
         m_slot = (b_slot >= 0) & (b_slot < CAPACITY)
         b_slot = tl.where(m_slot, b_slot, 0)
         i_blk = b_slot // CACHE_BS
         i_off = b_slot % CACHE_BS
-        m_c = m_hd & m_slot
+        m_c = m_kd & m_slot
         # K, then V, each divided by its scale; an fp8 cache saturates at +-448
         if HAS_K_SCALE:
             b_k = b_k / tl.load(k_scale).to(tl.float32)

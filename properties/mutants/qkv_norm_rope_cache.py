@@ -69,14 +69,14 @@ no_checks = _entry("no_checks", ("    R = _check(qkv,", "    R = (head_dim if ro
 
 # heads of the last, partial query tile are never written
 drop_partial_tile = _entry(
-    "drop_partial_tile", ("m_hd = (o_h < QH)[:, None] & m_d[None, :]",
-                          "m_hd = (o_h < (QH // BHQ) * BHQ)[:, None] & m_d[None, :]"))
+    "drop_partial_tile", ("m_qd = (o_qh < QH)[:, None] & m_d[None, :]",
+                          "m_qd = (o_qh < (QH // BHQ) * BHQ)[:, None] & m_d[None, :]"))
 
 # the normalised values are written back into qkv (an input)
 writes_input = _entry(
     "writes_input",
     ("        p_q = q_out + i_t * s_qo_t",
-     "        tl.store(p_row + (o_col + o_d[None, :]) * s_x_w, b_q.to(qkv.dtype.element_ty), mask=m_hd)\n"
+     "        tl.store(p_row + (o_col + o_d[None, :]) * s_x_w, b_q.to(qkv.dtype.element_ty), mask=m_qd)\n"
      "        p_q = q_out + i_t * s_qo_t"))
 
 MUTANTS = {
