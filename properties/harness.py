@@ -47,7 +47,11 @@ def repro_line() -> str:
     if cur is None:
         return "(not inside a property: rerun the failing test id shown above)"
     module, prop, impl, case = cur
-    return f"{REPRO_COMMAND} '{nodeid(module, prop, impl.name)}' --case {shlex.quote(case.to_json())}"
+    line = f"{REPRO_COMMAND} '{nodeid(module, prop, impl.name)}' --case {shlex.quote(case.to_json())}"
+    kind = getattr(impl, "kind", "production")
+    if kind != "production":  # the implementation must be added again to be selected
+        line += f" --impl {impl.op}={impl.name if kind == 'mutant' else impl.target}"
+    return line
 
 
 @contextlib.contextmanager

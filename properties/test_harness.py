@@ -1,0 +1,95 @@
+"""The harness's own pieces fail when they should: the budget, bit-exact comparison, guards,
+poisoned allocations, backend pinning."""
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from properties import builders
+from properties.compare import assert_bitwise, assert_close, budget_of
+from properties.guard import Guarded, Unchanged, poison_allocations
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_budget_rule():
+    golden = torch.tensor([1.0, -2.0, 4.0], dtype=torch.float64)
+    reference = golden + torch.tensor([1e-6, 0.0, -3e-6], dtype=torch.float64)
+    budget, ref_err, gmax = budget_of(golden, reference, torch.bfloat16)
+    assert ref_err == pytest.approx(3e-6) and gmax == 4.0
+    assert budget == pytest.approx(2 * (3e-6 + 2.0 ** -7 * 4.0))
+    assert budget_of(golden, reference, torch.float8_e4m3fn)[0] == pytest.approx(2 * (3e-6 + 0.125 * 4.0))
+    inside = golden.clone()
+    inside[1] += 0.99 * budget
+    assert_close("x", inside.float(), golden, reference, torch.bfloat16)
+    outside = golden.clone()
+    outside[2] += 1.01 * budget
+    with pytest.raises(AssertionError, match=r"x: error .* at index \(2,\) exceeds the budget"):
+        assert_close("x", outside, golden, reference, torch.bfloat16)
+
+
+def test_nan_and_inf_fail_where_golden_is_finite():
+    golden = torch.zeros(4, dtype=torch.float64)
+    for bad in (math.nan, math.inf, -math.inf):
+        actual = torch.zeros(4)
+        actual[3] = bad
+        with pytest.raises(AssertionError, match=r"index \(3,\)"):
+            assert_close("o", actual, golden, golden, torch.float32)
+
+
+def test_non_finite_golden_must_be_matched():
+    golden = torch.tensor([-math.inf, 1.0], dtype=torch.float64)
+    assert_close("lse", torch.tensor([-math.inf, 1.0]), golden, golden, torch.float32)
+    with pytest.raises(AssertionError, match="golden is -inf"):
+        assert_close("lse", torch.tensor([0.0, 1.0]), golden, golden, torch.float32)
+
+
+def test_bitwise():
+    a = torch.tensor([1.0, math.nan, -0.0])
+    assert_bitwise("a", a, a.clone())
+    with pytest.raises(AssertionError, match="not bit-exact"):
+        assert_bitwise("a", a, torch.tensor([1.0, math.nan, 0.0]))  # -0.0 vs 0.0
+
+
+def test_guard_bands_catch_stray_writes():
+    g = builders.generator(0)
+    buf = Guarded((3, 4), torch.bfloat16, "cpu", g, strides=(6, 1), guard=5)
+    buf.tensor[1].fill_(1.0)
+    buf.check("cache", torch.tensor([False, True, False])[:, None])   # row 1 allowed
+    buf.buffer[buf.guard + 3 * 6 + 1] = 7.0                            # just past the view
+    with pytest.raises(AssertionError, match="guard band after|buffer"):
+        buf.check("cache", torch.tensor([False, True, False])[:, None])
+    gap = Guarded((2, 2), torch.float32, "cpu", g, strides=(3, 1), guard=2)
+    gap.buffer[gap.guard + 2] = 0.5                                     # the gap between rows
+    with pytest.raises(AssertionError, match="gap between strides"):
+        gap.check("x")
+
+
+def test_unchanged_and_poison():
+    x = torch.ones(3)
+    watch = Unchanged(x=x)
+    x[0] = 2.0
+    with pytest.raises(AssertionError, match="input x was modified"):
+        watch.check()
+    original = torch.empty
+    with poison_allocations():
+        e = torch.empty(4)
+        i = torch.empty(2, dtype=torch.int32)
+        like = torch.empty_like(x)
+    assert torch.isnan(e).all() and torch.isnan(like).all() and (i == torch.iinfo(torch.int32).max).all()
+    assert torch.empty is original
+
+
+def test_backend_pins_each_worker_to_one_gpu():
+    script = ("from properties import backend; backend.configure(); import os; "
+              "print(os.environ['CUDA_VISIBLE_DEVICES'], os.environ['TRITON_CACHE_DIR'])")
+    env = {**os.environ, "KERNELFUZZ_BACKEND": "cuda", "CUDA_VISIBLE_DEVICES": "3,5",
+           "PYTEST_XDIST_WORKER": "gw3", "TRITON_CACHE_DIR": "/tmp/tc"}
+    for var in ("KERNELFUZZ_GPUS", "KERNELFUZZ_TRITON_CACHE_BASE", "TRITON_INTERPRET"):
+        env.pop(var, None)
+    out = subprocess.run([sys.executable, "-c", script], cwd=ROOT, env=env, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["5", "/tmp/tc/gw3"]   # gw3 -> entry 3 mod 2 of the outer list
