@@ -42,3 +42,12 @@ def mutate(module_name: str, replacements, *, tag: str):
     spec.loader.exec_module(mod)
     _cache[key] = mod
     return mod
+
+
+def entry(module_name: str, function: str, tag: str, *replacements):
+    """A callable with the production function's contract that runs `function` of the mutated
+    module (built on first call)."""
+    def fn(*args, **kwargs):
+        return getattr(mutate(module_name, replacements, tag=tag), function)(*args, **kwargs)
+    fn.__name__ = tag
+    return fn

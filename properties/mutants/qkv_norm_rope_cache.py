@@ -1,15 +1,10 @@
 """Broken qkv_norm_rope_cache implementations, each made from the production kernel by one edit."""
-from properties.mutants._mutate import mutate
+import functools
+
+from properties.mutants._mutate import entry
 
 OP = "qkv_norm_rope_cache"
-PRODUCTION = "kernels.qkv_norm_rope_cache"
-
-
-def _entry(tag, *replacements):
-    def fn(*args, **kwargs):
-        return mutate(PRODUCTION, replacements, tag=tag).qkv_norm_rope_cache(*args, **kwargs)
-    fn.__name__ = tag
-    return fn
+_entry = functools.partial(entry, "kernels.qkv_norm_rope_cache", "qkv_norm_rope_cache")
 
 
 # slot -1 wraps to the last row and slot == capacity is taken as valid (lands in the guard band)
