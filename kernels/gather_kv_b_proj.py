@@ -1,0 +1,359 @@
+"""MLA prefill with a prefix cache: gather the paged latent cache and expand it through kv_b_proj.
+
+Contract: SPEC.md section 3 (from aiter PR 2739, generalised). For token t of sequence b (token j
+of b, t = cu_kv_lens[b] + j) the latent row lives at block kv_indices[kv_indptr[b] + j // block_size],
+slot j % block_size, and
+
+    c  = kv_scale * cache[block, slot, :L]          pe = kv_scale * cache[block, slot, L:]
+    proj = (W * w_scale) @ c                          (W = w_kv_b, [N, L], N = H (qk_nope + v))
+    k[t, h] = [proj[h (qk+v) : h (qk+v) + qk] | pe]   v[t, h] = proj[h (qk+v) + qk : (h+1)(qk+v)]
+
+Design
+- One 1-D grid over (token tile of BT rows) x (output tile of BN columns). Output tiles never cross
+  a K-nope or V segment of one head: head h owns cdiv(qk, BN) K tiles and cdiv(v, BN) V tiles, so
+  every store is a contiguous masked run of one row of k or v, and qk_nope != v_head_dim costs no
+  special case. The output tile index runs fastest, so the programs in flight share their gathered
+  latent rows (L2) and sweep the whole weight (a few MB, L2-resident).
+- A token tile is BT consecutive rows of the packed output; every row finds its own sequence by a
+  vectorised binary search over cu_kv_lens (ceil(log2 B) steps, no host sync, no extra launch), so
+  a tile may span sequences and no program is wasted on short sequences. A row only reads the slot
+  of its own token (j < kv_len[b]): the tail of the last block and unreferenced blocks are never
+  read, and a cache that ends right after the last referenced block is safe. block_size is a
+  run-time value (any >= 1).
+- Each K step loads a [BT, BK] gathered latent tile and a [BK, BN] weight tile and multiplies on
+  tensor cores with float32 accumulation. Operand dtype: fp8 x fp8 runs on fp8 tensor cores; an
+  fp8 operand beside a bf16/fp16 one is converted to that 16-bit type (exact); bf16 beside fp16 runs
+  as tf32 (exact for both). A bf16/fp16 weight is never rounded to fp8. kv_scale and a per-row
+  w_scale multiply the float32 accumulator at the end; a 128x128 block w_scale multiplies each K
+  step's partial product (BK divides 128, so a K step lies in one column block) with the scale of
+  the ABSOLUTE weight row r // 128 (blocks may straddle K/V and head boundaries).
+- The rope part is written by the first K tile of every head: the float32 product cache * kv_scale,
+  rounded once to out_dtype (the same value torch gives for (pe.double() * kv_scale).to(out_dtype),
+  which converts through float32), bit-identical across heads.
+- Under the Triton interpreter the dot operands are upcast to float32 (its bf16/fp16 dots are
+  wrong) and bf16 stores go through cast_to's exact rounding.
+
+The one host read: the output row count total = cu_kv_lens[-1] must be known to allocate k and v
+(the contract returns them), so the launcher reads that single element. No other tensor data is
+read on the host; nothing is validated on the device.
+"""
+from typing import NamedTuple, Optional, Tuple
+
+import torch
+import triton
+import triton.language as tl
+
+from kernels._checks import INDEX_DTYPES, FP8, check_int, check_scale, check_tensor
+from kernels._triton import cast_to, interpreting
+
+CACHE_DTYPES = (torch.bfloat16, torch.float16, FP8)
+WEIGHT_DTYPES = (torch.bfloat16, torch.float16, FP8)
+OUT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+SCALE_BLOCK = 128  # DeepSeek-V3 fp8 weight quantisation block: 128 rows x 128 columns
+
+_TL = {torch.bfloat16: tl.bfloat16, torch.float16: tl.float16, torch.float32: tl.float32,
+       FP8: tl.float8e4nv}
+
+W_SCALE_NONE, W_SCALE_ROW, W_SCALE_BLOCK = 0, 1, 2
+
+
+# L is left specialised: it is always a multiple of 16, so it compiles once and its divisibility
+# lets the K mask stay constant over 16 columns (vectorised loads).
+# QK is specialised too (divisible by 16 or not: two variants) so the rope stores stay aligned.
+@triton.jit(do_not_specialize=["total", "B", "n_search", "block_size", "P", "VD",
+                               "NT_K", "NT_V", "N_OUT_TILES", "N_GROUPS"])
+def _gather_kv_b_proj_kernel(
+    # pointers
+    cache, kv_indptr, kv_indices, cu_kv_lens, w, w_scale, kv_scale, k_out, v_out,
+    # sizes (run time)
+    total, B, n_search, block_size, L, P, QK, VD, NT_K, NT_V, N_OUT_TILES, N_GROUPS,
+    # strides
+    s_cb, s_cs, s_cd,
+    s_wn, s_wl,
+    s_sn, s_sl,
+    s_kt, s_kh, s_kd,
+    s_vt, s_vh, s_vd,
+    # block sizes and flags
+    BT: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, BP: tl.constexpr,
+    W_SCALE_MODE: tl.constexpr, HAS_KV_SCALE: tl.constexpr, HAS_PE: tl.constexpr,
+    DOT_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr, EXACT_ROUNDING: tl.constexpr,
+):
+    # program -> (token tile, group of output tiles i_g, i_g + N_GROUPS, ...)
+    i_p = tl.program_id(0).to(tl.int64)
+    i_t = i_p // N_GROUPS
+    i_g = i_p % N_GROUPS
+
+    # ---- rows: token -> sequence (binary search) -> block, slot
+    # [BT]
+    o_t = i_t * BT + tl.arange(0, BT).to(tl.int64)
+    m_t = o_t < total
+    # largest b in [0, B-1] with cu_kv_lens[b] <= t (skips empty sequences)
+    b_lo = tl.zeros([BT], dtype=tl.int64)
+    b_hi = tl.zeros([BT], dtype=tl.int64) + (B - 1)
+    for _ in range(n_search):
+        b_mid = (b_lo + b_hi + 1) // 2
+        b_cu = tl.load(cu_kv_lens + b_mid, mask=m_t, other=0).to(tl.int64)
+        m_go = b_cu <= o_t
+        b_lo = tl.where(m_go, b_mid, b_lo)
+        b_hi = tl.where(m_go, b_hi, b_mid - 1)
+    b_start = tl.load(cu_kv_lens + b_lo, mask=m_t, other=0).to(tl.int64)
+    o_j = o_t - b_start
+    m_row = m_t & (o_j >= 0)
+    o_j = tl.where(m_row, o_j, 0)
+    b_first = tl.load(kv_indptr + b_lo, mask=m_row, other=0).to(tl.int64)
+    b_blk = tl.load(kv_indices + b_first + o_j // block_size, mask=m_row, other=0).to(tl.int64)
+    b_blk = tl.where(m_row, b_blk, 0)
+    # [BT] offset of each row's latent vector in the cache
+    o_row = b_blk * s_cb + (o_j % block_size) * s_cs
+
+    # the row mapping above is paid once per token tile and shared by all its output tiles
+    for i_n in range(i_g, N_OUT_TILES, N_GROUPS):
+        # output tile -> (head, K-nope or V segment, first column of the segment)
+        i_h = i_n // (NT_K + NT_V)
+        i_r = i_n % (NT_K + NT_V)
+        is_k = i_r < NT_K
+        d0 = tl.where(is_k, i_r, i_r - NT_K) * BN
+        seg = tl.where(is_k, QK, VD)
+        w_row0 = i_h * (QK + VD) + tl.where(is_k, 0, QK) + d0
+
+        # ---- columns: weight rows of this tile
+        # [BN]
+        # int32 lane offsets added to int64 scalars/rows keep their contiguity (vectorised stores)
+        o_n = tl.arange(0, BN)
+        m_n = o_n < seg - d0
+        o_wrow = tl.where(m_n, w_row0 + o_n, w_row0)
+
+        # ---- [BT, BN] = [BT, L] x [L, BN]
+        acc = tl.zeros([BT, BN], dtype=tl.float32)
+        o_k = tl.arange(0, BK)
+        # [BT, BK] gathered latent rows, [BK, BN] weight rows (transposed view); advanced by BK
+        p_a = cache + o_row[:, None] + o_k[None, :] * s_cd
+        p_w = w + o_wrow[None, :] * s_wn + o_k[:, None] * s_wl
+        for k0 in range(0, L, BK):
+            # [BK]
+            m_k = (k0 + o_k) < L
+            # [BT, BK]
+            b_a = tl.load(p_a, mask=m_row[:, None] & m_k[None, :], other=0.0)
+            # [BK, BN]
+            b_w = tl.load(p_w, mask=m_k[:, None] & m_n[None, :], other=0.0)
+            p_a += BK * s_cd
+            p_w += BK * s_wl
+            if W_SCALE_MODE == 2:
+                # [BN] block scale of absolute row r // 128, column block k0 // 128 (BK divides 128)
+                b_s = tl.load(w_scale + (o_wrow // 128) * s_sn + (k0 // 128) * s_sl, mask=m_n, other=0.0)
+                acc += tl.dot(b_a.to(DOT_DTYPE), b_w.to(DOT_DTYPE),
+                              input_precision=INPUT_PRECISION) * b_s[None, :]
+            else:
+                acc = tl.dot(b_a.to(DOT_DTYPE), b_w.to(DOT_DTYPE), acc, input_precision=INPUT_PRECISION)
+        if W_SCALE_MODE == 1:
+            # [BN]
+            b_s = tl.load(w_scale + o_wrow * s_sn, mask=m_n, other=0.0)
+            acc = acc * b_s[None, :]
+        if HAS_KV_SCALE:
+            acc = acc * tl.load(kv_scale)
+
+        # a full column tile stores with a row mask only (constant along columns: vectorised stores)
+        m_o = m_row[:, None] & m_n[None, :]
+        if is_k:
+            b_o = cast_to(acc, k_out.dtype.element_ty, EXACT_ROUNDING)
+            p_o = (k_out + i_h * s_kh + d0 * s_kd) + o_t[:, None] * s_kt + o_n[None, :] * s_kd
+            if d0 + BN <= seg:
+                tl.store(p_o, b_o, mask=m_row[:, None])
+            else:
+                tl.store(p_o, b_o, mask=m_o)
+        else:
+            b_o = cast_to(acc, v_out.dtype.element_ty, EXACT_ROUNDING)
+            p_o = (v_out + i_h * s_vh + d0 * s_vd) + o_t[:, None] * s_vt + o_n[None, :] * s_vd
+            if d0 + BN <= seg:
+                tl.store(p_o, b_o, mask=m_row[:, None])
+            else:
+                tl.store(p_o, b_o, mask=m_o)
+
+        if HAS_PE:
+            if i_r == 0:
+                # [BP]
+                o_p = tl.arange(0, BP)
+                m_p = o_p < P
+                m_pe = m_row[:, None] & m_p[None, :]
+                # [BT, BP]
+                p_c = (cache + L * s_cd) + o_row[:, None] + o_p[None, :] * s_cd
+                if P == BP:
+                    b_pe = tl.load(p_c, mask=m_row[:, None], other=0.0).to(tl.float32)
+                else:
+                    b_pe = tl.load(p_c, mask=m_pe, other=0.0).to(tl.float32)
+                if HAS_KV_SCALE:
+                    b_pe = b_pe * tl.load(kv_scale)
+                b_pe = cast_to(b_pe, k_out.dtype.element_ty, EXACT_ROUNDING)
+                p_pe = (k_out + i_h * s_kh + QK * s_kd) + o_t[:, None] * s_kt + o_p[None, :] * s_kd
+                if P == BP:
+                    tl.store(p_pe, b_pe, mask=m_row[:, None])
+                else:
+                    tl.store(p_pe, b_pe, mask=m_pe)
+
+
+class Config(NamedTuple):
+    BT: int          # token rows per tile
+    BN: int          # output columns per tile (within one K-nope or V segment of one head)
+    BK: int          # latent columns per step; divides 128 (block scales)
+    num_warps: int
+    num_stages: int
+    tiles_per_program: int = 8  # output tiles one program computes for its token tile
+
+
+def _pad_cols(qk: int, v: int, bn: int) -> int:
+    return triton.cdiv(qk, bn) * bn + triton.cdiv(v, bn) * bn
+
+
+def pick_config(cache_dtype: torch.dtype, w_dtype: torch.dtype, qk: int, v: int) -> Config:
+    """One config from coarse properties: the operand width and the padding waste of the head dims.
+
+    BN is the widest of 128/64/32/16 whose padded columns per head stay within 1/8 of the
+    tightest (BN = 16) padding: 128 for qk = v = 128, 64 for qk = 192 / v = 256.
+    """
+    tight = _pad_cols(qk, v, 16)
+    bn = next(b for b in (128, 64, 32, 16) if _pad_cols(qk, v, b) * 8 <= tight * 9)
+    if interpreting():
+        return Config(BT=16, BN=min(bn, 32), BK=32, num_warps=4, num_stages=1)
+    fp8_dot = cache_dtype == FP8 and w_dtype == FP8
+    bk = 128 if fp8_dot else 64
+    # measured on H200 (bench --sweep): 64 x 128 tiles, 4 warps, 3 stages, 8 output tiles per program
+    return Config(BT=64, BN=bn, BK=bk, num_warps=4, num_stages=3, tiles_per_program=8)
+
+
+def _dot_dtype(cache_dtype: torch.dtype, w_dtype: torch.dtype) -> Tuple[object, str]:
+    """Tensor-core operand type with exact products (see the module docstring)."""
+    if interpreting():
+        return tl.float32, "ieee"
+    if cache_dtype == w_dtype:
+        return _TL[cache_dtype], "tf32"
+    if cache_dtype == FP8:
+        return _TL[w_dtype], "tf32"
+    if w_dtype == FP8:
+        return _TL[cache_dtype], "tf32"
+    return tl.float32, "tf32"  # bf16 x fp16: both are exact in tf32
+
+
+def _check(kv_cache, kv_indptr, kv_indices, cu_kv_lens, w_kv_b, kv_lora_rank, qk_nope_head_dim,
+           v_head_dim, w_scale, kv_scale, out_dtype) -> Tuple[int, int, int]:
+    """Validate everything; return (P, H, W_SCALE_MODE)."""
+    check_tensor("kv_cache", kv_cache, dtypes=CACHE_DTYPES, ndim=3)
+    dev = kv_cache.device
+    check_int("kv_lora_rank", kv_lora_rank, lo=16, hi=1024, multiple_of=16)
+    check_int("qk_nope_head_dim", qk_nope_head_dim, lo=1, hi=512)
+    check_int("v_head_dim", v_head_dim, lo=1, hi=512)
+    if kv_cache.shape[1] < 1:
+        raise ValueError(f"kv_cache: expected block_size (shape[1]) >= 1, got shape {tuple(kv_cache.shape)}")
+    P = kv_cache.shape[2] - kv_lora_rank
+    if P < 0 or P > 128 or P % 2:
+        raise ValueError(f"kv_cache: expected shape[2] == kv_lora_rank + P with P even in [0, 128], "
+                         f"got shape[2] = {kv_cache.shape[2]} and kv_lora_rank = {kv_lora_rank}")
+    check_tensor("kv_indptr", kv_indptr, dtypes=INDEX_DTYPES, ndim=1, device=dev)
+    if kv_indptr.shape[0] < 1:
+        raise ValueError(f"kv_indptr: expected shape [B + 1] with B >= 0, got shape {tuple(kv_indptr.shape)}")
+    B = kv_indptr.shape[0] - 1
+    check_tensor("kv_indices", kv_indices, dtypes=INDEX_DTYPES, ndim=1, device=dev)
+    check_tensor("cu_kv_lens", cu_kv_lens, dtypes=INDEX_DTYPES, shape=(B + 1,), device=dev)
+    check_tensor("w_kv_b", w_kv_b, dtypes=WEIGHT_DTYPES, shape=(None, kv_lora_rank), device=dev)
+    N = w_kv_b.shape[0]
+    hd = qk_nope_head_dim + v_head_dim
+    if N % hd:
+        raise ValueError(f"w_kv_b: expected shape[0] a multiple of qk_nope_head_dim + v_head_dim = {hd}, "
+                         f"got shape {tuple(w_kv_b.shape)}")
+    mode = W_SCALE_NONE
+    if w_scale is not None:
+        check_tensor("w_scale", w_scale, dtypes=(torch.float32,), device=dev)
+        blocks = (triton.cdiv(N, SCALE_BLOCK), triton.cdiv(kv_lora_rank, SCALE_BLOCK))
+        if w_scale.dim() == 1 and w_scale.shape[0] == N:
+            mode = W_SCALE_ROW
+        elif w_scale.dim() == 2 and tuple(w_scale.shape) == blocks:
+            mode = W_SCALE_BLOCK
+        else:
+            raise ValueError(f"w_scale: expected shape [{N}] (per row) or [{blocks[0]}, {blocks[1]}] "
+                             f"(128x128 blocks), got shape {tuple(w_scale.shape)}")
+    check_scale("kv_scale", kv_scale, dev)
+    if out_dtype not in OUT_DTYPES:
+        raise TypeError(f"out_dtype: expected bfloat16 or float16 or float32, got {out_dtype!r}")
+    return P, N // hd, mode
+
+
+def gather_kv_b_proj_launch(kv_cache, kv_indptr, kv_indices, cu_kv_lens, w_kv_b, *, kv_lora_rank,
+                            qk_nope_head_dim, v_head_dim, w_scale=None, kv_scale=None,
+                            out_dtype=torch.bfloat16, config: Optional[Config] = None):
+    """The launcher: check, allocate, launch. `config` overrides pick_config (benchmarks)."""
+    P, H, mode = _check(kv_cache, kv_indptr, kv_indices, cu_kv_lens, w_kv_b, kv_lora_rank,
+                        qk_nope_head_dim, v_head_dim, w_scale, kv_scale, out_dtype)
+    L, QK, VD = kv_lora_rank, qk_nope_head_dim, v_head_dim
+    B = kv_indptr.shape[0] - 1
+    # the single host read: the output row count (see the module docstring)
+    total = int(cu_kv_lens[-1])
+    if total < 0:
+        raise ValueError(f"cu_kv_lens: expected a non-negative total cu_kv_lens[-1], got {total}")
+    dev = kv_cache.device
+    k = torch.empty((total, H, QK + P), dtype=out_dtype, device=dev)
+    v = torch.empty((total, H, VD), dtype=out_dtype, device=dev)
+    if total == 0 or H == 0:
+        return k, v
+    cfg = config or pick_config(kv_cache.dtype, w_kv_b.dtype, QK, VD)
+    if cfg.BK > SCALE_BLOCK or SCALE_BLOCK % cfg.BK:
+        raise ValueError(f"config: expected BK dividing {SCALE_BLOCK}, got {cfg.BK}")
+    nt_k, nt_v = triton.cdiv(QK, cfg.BN), triton.cdiv(VD, cfg.BN)
+    n_out_tiles = H * (nt_k + nt_v)
+    n_groups = triton.cdiv(n_out_tiles, cfg.tiles_per_program)
+    grid = (triton.cdiv(total, cfg.BT) * n_groups,)
+    if grid[0] >= 2 ** 31:
+        raise ValueError(f"cu_kv_lens: total = {total} tokens needs {grid[0]} programs, more than 2^31 - 1")
+    dot_dtype, precision = _dot_dtype(kv_cache.dtype, w_kv_b.dtype)
+    ws = w_scale if w_scale is not None else w_kv_b  # dummy pointer when absent
+    s_sn = w_scale.stride(0) if w_scale is not None else 0
+    s_sl = w_scale.stride(1) if mode == W_SCALE_BLOCK else 0
+    _gather_kv_b_proj_kernel[grid](
+        kv_cache, kv_indptr, kv_indices, cu_kv_lens, w_kv_b, ws,
+        kv_scale if kv_scale is not None else w_kv_b, k, v,
+        total, B, max(B - 1, 0).bit_length(), kv_cache.shape[1], L, P, QK, VD,
+        nt_k, nt_v, n_out_tiles, n_groups,
+        kv_cache.stride(0), kv_cache.stride(1), kv_cache.stride(2),
+        w_kv_b.stride(0), w_kv_b.stride(1),
+        s_sn, s_sl,
+        k.stride(0), k.stride(1), k.stride(2),
+        v.stride(0), v.stride(1), v.stride(2),
+        BT=cfg.BT, BN=cfg.BN, BK=cfg.BK, BP=max(16, triton.next_power_of_2(max(P, 1))),
+        W_SCALE_MODE=mode, HAS_KV_SCALE=kv_scale is not None, HAS_PE=P > 0,
+        DOT_DTYPE=dot_dtype, INPUT_PRECISION=precision, EXACT_ROUNDING=interpreting(),
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    )
+    return k, v
+
+
+def gather_kv_b_proj(kv_cache: torch.Tensor, kv_indptr: torch.Tensor, kv_indices: torch.Tensor,
+                     cu_kv_lens: torch.Tensor, w_kv_b: torch.Tensor, *, kv_lora_rank: int,
+                     qk_nope_head_dim: int, v_head_dim: int, w_scale: Optional[torch.Tensor] = None,
+                     kv_scale: Optional[torch.Tensor] = None,
+                     out_dtype: torch.dtype = torch.bfloat16) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Expand the paged MLA latent cache of B sequences into per-head K and V.
+
+    Args:
+        kv_cache: [num_blocks, block_size, L + P] bfloat16/float16/float8_e4m3fn; L = kv_lora_rank
+            (latent), P = rope dim (even, 0..128). Any strides; block_size >= 1 (run time).
+        kv_indptr: [B + 1] int32/int64, block-table offsets of each sequence into kv_indices.
+        kv_indices: [num_refs] int32/int64 block ids in [0, num_blocks).
+        cu_kv_lens: [B + 1] int32/int64 token prefix sums (cu_kv_lens[0] = 0); total =
+            cu_kv_lens[-1]. Token j of sequence b is output row cu_kv_lens[b] + j.
+        w_kv_b: [N, L] bfloat16/float16/float8_e4m3fn, N = H (qk_nope_head_dim + v_head_dim);
+            head h owns rows [h (qk + v), h (qk + v) + qk) (K-nope), then v rows (V).
+        kv_lora_rank: L, a multiple of 16 in [16, 1024].
+        qk_nope_head_dim, v_head_dim: in [1, 512], need not be equal nor powers of two.
+        w_scale: None, per-row [N] float32, or 128x128-block [ceil(N/128), ceil(L/128)] float32
+            indexed by the absolute row r // 128 and column l // 128; multiplies W (any W dtype).
+        kv_scale: None or a one-element float32 tensor; multiplies the cache.
+        out_dtype: bfloat16, float16 or float32.
+
+    Returns:
+        k: [total, H, qk_nope_head_dim + P] out_dtype, [k_nope | pe]; pe (kv_scale * cache rope
+           part, the float32 product rounded once to out_dtype) is bit-identical across heads.
+        v: [total, H, v_head_dim] out_dtype.
+    Reads cu_kv_lens[-1] on the host once (the output size). Raises TypeError/ValueError on bad input.
+    """
+    return gather_kv_b_proj_launch(kv_cache, kv_indptr, kv_indices, cu_kv_lens, w_kv_b,
+                                   kv_lora_rank=kv_lora_rank, qk_nope_head_dim=qk_nope_head_dim,
+                                   v_head_dim=v_head_dim, w_scale=w_scale, kv_scale=kv_scale,
+                                   out_dtype=out_dtype)
