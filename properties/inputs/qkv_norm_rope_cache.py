@@ -16,8 +16,8 @@ def bounds():
     return backend.pick(
         interpreter=dict(max_tokens=20, max_kv_heads=3, max_ratio=4, max_head_dim=48,
                          max_block_size=8, max_blocks=6, max_pos=24),
-        cuda=dict(max_tokens=1024, max_kv_heads=8, max_ratio=8, max_head_dim=256,
-                  max_block_size=64, max_blocks=64, max_pos=8192))
+        cuda=dict(max_tokens=512, max_kv_heads=8, max_ratio=8, max_head_dim=256,
+                  max_block_size=64, max_blocks=32, max_pos=8192))
 
 
 @st.composite
