@@ -32,7 +32,7 @@ def _compile_only(self, *args, grid, warmup, **kwargs):
     options, signature, constexprs, attrs = self._pack_args(backend, kwargs, bound, specialization, options)
     start = time.time()
     kernel = triton.compile(ASTSource(self, signature, constexprs, attrs), target=TARGET, options=options.__dict__)
-    compiled.append((self.fn.__name__, kernel.metadata.shared, time.time() - start))
+    compiled.append((self.fn.__name__, kernel.metadata.shared, time.time() - start, kernel.asm["ptx"]))
     return None
 
 
@@ -81,14 +81,41 @@ def variants(with_mutants: bool):
                 yield f"{op}: mutant {m.name}: {name}", thunk
 
 
+def float_ops(ptx: str) -> list:
+    """The kernel's floating-point instruction sequence (registers and addresses aside)."""
+    import re
+    return re.findall(r"\b((?:fma|mul|add|sub|rsqrt|sqrt|div|max|min|ex2|lg2)\.[a-z0-9.]*f(?:32|64)\b)", ptx)
+
+
+def same_arithmetic_checks():
+    """Calls that must give bit-identical results must compile to the same arithmetic: the two
+    gate layouts of qkv_norm_rope_cache (head stride D vs 2D once changed the register layout and
+    so the RMSNorm summation order on the GPU)."""
+    fn = _load(CASES["qkv_norm_rope_cache"][0])
+    ptx = []
+    for gate in ("interleaved", "blocked"):
+        compiled.clear()
+        T, qh, kvh, D = 4, 5, 1, 40
+        qkv = torch.randn(T, (2 * qh + 2 * kvh) * D).to(torch.bfloat16)
+        w = torch.ones(D, dtype=torch.bfloat16)
+        kc = torch.zeros(4, 2, kvh, D, dtype=torch.bfloat16)
+        fn(qkv, w, w, torch.ones(8, D // 2), torch.zeros(8, D // 2), torch.arange(T), kc, kc.clone(),
+           torch.arange(T), num_q_heads=qh, num_kv_heads=kvh, head_dim=D, gate=gate)
+        ptx.append(float_ops(compiled[0][3]))
+    yield "qkv_norm_rope_cache: interleaved and blocked gates compile to the same arithmetic", ptx[0] == ptx[1]
+
+
 def main(argv) -> int:
     jit.JITFunction.run = _compile_only
     failed = 0
+    for label, ok in same_arithmetic_checks():
+        print(f"{'ok   ' if ok else 'FAIL '} {label}")
+        failed += not ok
     for label, thunk in variants("--mutants" in argv):
         compiled.clear()
         try:
             thunk()
-            detail = ", ".join(f"{k} ({shared} B shared, {sec:.1f} s)" for k, shared, sec in compiled)
+            detail = ", ".join(f"{k} ({shared} B shared, {sec:.1f} s)" for k, shared, sec, _ in compiled)
             print(f"ok    {label}: {detail}")
         except Exception:
             failed += 1

@@ -12,6 +12,7 @@ Safe skips: a slot outside [0, num_blocks * block_size) masks the cache store of
 address is formed from slot 0 so no pointer ever leaves the cache. A position outside
 [0, max_pos) rotates by the identity (cos 1, sin 0) and its table row is never read.
 """
+import math
 from typing import Optional
 
 import torch
@@ -32,7 +33,11 @@ def _norm_rope(b_x, b_xp, p_w, o_d, o_pd, m_d, D, eps, w_offset, b_cos, b_sin, b
     """RMSNorm over the head's D dims, then rotate. b_x [BH, BD]; b_xp the same heads at the
     RoPE partner dims o_pd. Dims >= R carry cos 1, sin 0 and partner == self: unchanged."""
     # [BH]
-    b_rstd = tl.rsqrt(tl.sum(b_x * b_x, axis=1) / D + eps)
+    # the sum of squares is accumulated in float64: exact for bf16/fp16 inputs whatever the
+    # summation order, so the result does not depend on the register layout the compiler picks
+    # for a given pointer alignment (token slices and gate layouts stay bit-identical)
+    b_x64 = b_x.to(tl.float64)
+    b_rstd = tl.rsqrt(tl.sum(b_x64 * b_x64, axis=1).to(tl.float32) / D + eps)
     # [BD]
     b_w = tl.load(p_w + o_d, mask=m_d, other=0.0).to(tl.float32) + w_offset
     b_wp = tl.load(p_w + o_pd, mask=m_d, other=0.0).to(tl.float32) + w_offset
@@ -42,14 +47,16 @@ def _norm_rope(b_x, b_xp, p_w, o_d, o_pd, m_d, D, eps, w_offset, b_cos, b_sin, b
     return b_y * b_cos[None, :] + b_sign[None, :] * b_yp * b_sin[None, :]
 
 
-@triton.jit(do_not_specialize=["T", "QH", "KVH", "MAX_POS", "CACHE_BS", "CAPACITY"])
+@triton.jit(do_not_specialize=["T", "QH", "KVH", "MAX_POS", "CACHE_BS", "CAPACITY",
+                              "q_hs", "g_col", "g_hs", "k_col", "v_col"])
 def _qkv_norm_rope_cache_kernel(
     # pointers
     qkv, q_norm_w, k_norm_w, cos, sin, positions, slot_mapping, k_scale, v_scale,
     q_out, g_out, k_out, v_out, key_cache, value_cache,
     # sizes
     T, QH, KVH, D, R, MAX_POS, CACHE_BS, CAPACITY, NQT,
-    # column layout of a qkv row: q head h at h * q_hs, gate of head h at g_col + h * g_hs, K at k_col, V at v_col
+    # column layout of a qkv row: q head h at h * q_hs, gate of head h at g_col + h * g_hs, K at
+    # k_col, V at v_col; all multiples of COL_ALIGN (from D alone, so both gate layouts compile alike)
     q_hs, g_col, g_hs, k_col, v_col,
     eps, w_offset,
     # strides
@@ -59,7 +66,7 @@ def _qkv_norm_rope_cache_kernel(
     # constexprs
     BHQ: tl.constexpr, BHK: tl.constexpr, BD: tl.constexpr, IS_NEOX: tl.constexpr,
     HAS_GATE: tl.constexpr, HAS_K_SCALE: tl.constexpr, HAS_V_SCALE: tl.constexpr,
-    EXACT_ROUNDING: tl.constexpr,
+    EXACT_ROUNDING: tl.constexpr, COL_ALIGN: tl.constexpr,
 ):
     i_t = tl.program_id(0).to(tl.int64)
     i_j = tl.program_id(1)
@@ -92,7 +99,7 @@ def _qkv_norm_rope_cache_kernel(
         o_qh = i_j * BHQ + tl.arange(0, BHQ)
         m_qd = (o_qh < QH)[:, None] & m_d[None, :]
         # [BHQ, BD]
-        o_col = o_qh[:, None].to(tl.int64) * q_hs
+        o_col = tl.multiple_of(o_qh.to(tl.int64) * q_hs, COL_ALIGN)[:, None]
         b_q = tl.load(p_row + (o_col + o_d[None, :]) * s_x_w, mask=m_qd, other=0.0).to(tl.float32)
         b_qp = tl.load(p_row + (o_col + o_pd[None, :]) * s_x_w, mask=m_qd, other=0.0).to(tl.float32)
         b_q = _norm_rope(b_q, b_qp, q_norm_w, o_d * s_qw, o_pd * s_qw, m_d, D, eps, w_offset,
@@ -101,20 +108,22 @@ def _qkv_norm_rope_cache_kernel(
         tl.store(p_q, cast_to(b_q, q_out.dtype.element_ty, EXACT_ROUNDING), mask=m_qd)
         if HAS_GATE:
             # [BHQ, BD] raw copy, same dtype
-            o_gcol = g_col + o_qh[:, None].to(tl.int64) * g_hs + o_d[None, :]
+            o_gcol = tl.multiple_of(g_col + o_qh.to(tl.int64) * g_hs, COL_ALIGN)[:, None] + o_d[None, :]
             b_g = tl.load(p_row + o_gcol * s_x_w, mask=m_qd)
             p_g = g_out + i_t * s_go_t + o_qh[:, None].to(tl.int64) * s_go_h + o_d[None, :] * s_go_d
             tl.store(p_g, b_g, mask=m_qd)
     else:
         o_kh = (i_j - NQT) * BHK + tl.arange(0, BHK)
         m_kd = (o_kh < KVH)[:, None] & m_d[None, :]
-        o_hcol = o_kh[:, None].to(tl.int64) * D
+        o_hcol = o_kh.to(tl.int64) * D
+        o_kcol = tl.multiple_of(k_col + o_hcol, COL_ALIGN)[:, None]
+        o_vcol = tl.multiple_of(v_col + o_hcol, COL_ALIGN)[:, None]
         # [BHK, BD]
-        b_k = tl.load(p_row + (k_col + o_hcol + o_d[None, :]) * s_x_w, mask=m_kd, other=0.0).to(tl.float32)
-        b_kp = tl.load(p_row + (k_col + o_hcol + o_pd[None, :]) * s_x_w, mask=m_kd, other=0.0).to(tl.float32)
+        b_k = tl.load(p_row + (o_kcol + o_d[None, :]) * s_x_w, mask=m_kd, other=0.0).to(tl.float32)
+        b_kp = tl.load(p_row + (o_kcol + o_pd[None, :]) * s_x_w, mask=m_kd, other=0.0).to(tl.float32)
         b_k = _norm_rope(b_k, b_kp, k_norm_w, o_d * s_kw, o_pd * s_kw, m_d, D, eps, w_offset,
                          b_cos, b_sin, b_sign)
-        b_v = tl.load(p_row + (v_col + o_hcol + o_d[None, :]) * s_x_w, mask=m_kd, other=0.0)
+        b_v = tl.load(p_row + (o_vcol + o_d[None, :]) * s_x_w, mask=m_kd, other=0.0)
         o_ho = o_kh[:, None].to(tl.int64)
         p_k = k_out + i_t * s_ko_t + o_ho * s_ko_h + o_d[None, :] * s_ko_d
         tl.store(p_k, cast_to(b_k, k_out.dtype.element_ty, EXACT_ROUNDING), mask=m_kd)
@@ -269,6 +278,6 @@ def qkv_norm_rope_cache(qkv: torch.Tensor, q_norm_weight: torch.Tensor, k_norm_w
         *q.stride(), *g_arg.stride(), *k.stride(), *v.stride(), *kc_strides, *vc_strides,
         BHQ=BHQ, BHK=BHK, BD=BD, IS_NEOX=is_neox, HAS_GATE=gate is not None,
         HAS_K_SCALE=k_scale is not None, HAS_V_SCALE=v_scale is not None,
-        EXACT_ROUNDING=interpreting(), num_warps=num_warps or 4,
+        EXACT_ROUNDING=interpreting(), COL_ALIGN=math.gcd(D, 16), num_warps=num_warps or 4,
     )
     return outs

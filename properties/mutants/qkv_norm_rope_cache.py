@@ -56,8 +56,7 @@ rope_by_row_index = _entry(
 
 # RMSNorm divides by the rotary dim instead of the head dim
 norm_over_rotary_dims = _entry(
-    "norm_over_rotary_dims", ("b_rstd = tl.rsqrt(tl.sum(b_x * b_x, axis=1) / D + eps)",
-                              "b_rstd = tl.rsqrt(tl.sum(b_x * b_x, axis=1) / tl.minimum(D, 2) + eps)"))
+    "norm_over_rotary_dims", ("axis=1).to(tl.float32) / D + eps)", "axis=1).to(tl.float32) / tl.minimum(D, 2) + eps)"))
 
 # the launcher checks nothing
 no_checks = _entry("no_checks", ("    R = _check(qkv,", "    R = (head_dim if rotary_dim is None else rotary_dim) if True else _check(qkv,"))
