@@ -70,3 +70,11 @@ def scale_tensor(value, device, *, shape=(1,)):
     if value is None:
         return None
     return torch.full(shape, float(value), dtype=torch.float32, device=device)
+
+
+def cu_seqlens(lens, device, *, dtype_name: str = "int32") -> torch.Tensor:
+    """[len(lens) + 1] prefix sums of the sequence lengths, starting at 0."""
+    out = [0]
+    for n in lens:
+        out.append(out[-1] + int(n))
+    return torch.tensor(out, dtype=dtype(dtype_name), device=device)

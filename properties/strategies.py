@@ -127,3 +127,32 @@ def log_uniform_ints(lo: int, hi: int):
     """Integers in [lo, hi], log-uniformly spread (small lengths and thousands both common)."""
     _check_bounds("lo", lo, "hi", hi)
     return st.floats(math.log(max(lo, 1)), math.log(max(hi, 1))).map(lambda x: max(lo, min(hi, int(math.exp(x)))))
+
+
+def head_dims(*, max_dim: int, min_dim: int = 1):
+    """Head sizes: powers of two and any other value (odd included). Shrinks towards min_dim."""
+    _check_bounds("min_dim", min_dim, "max_dim", max_dim)
+    pow2 = [d for d in (2 ** k for k in range(0, 11)) if min_dim <= d <= max_dim]
+    return st.one_of(st.sampled_from(pow2), st.integers(min_dim, max_dim)) if pow2 \
+        else st.integers(min_dim, max_dim)
+
+
+def _fit_total(lens, max_total):
+    out, left = [], max_total
+    for n in lens:
+        out.append(min(n, left))
+        left -= out[-1]
+    return out
+
+
+def seq_lens(*, max_total: int, max_seqs: int, min_seqs: int = 1, edges=()):
+    """Lengths of packed sequences (varlen): a list of min_seqs..max_seqs lengths whose sum is at
+    most max_total (later ones are clipped), with 0 (empty sequences) and `edges` (e.g. around a
+    chunk size) drawn often. Shrinks towards [0] * min_seqs."""
+    _check_bounds("min_seqs", min_seqs, "max_seqs", max_seqs)
+    _check_bounds("0", 0, "max_total", max_total)
+    one = token_counts(max_tokens=max_total)
+    near = [n for n in edges if 0 <= n <= max_total]
+    if near:
+        one = st.one_of(one, st.sampled_from(near))
+    return st.lists(one, min_size=min_seqs, max_size=max_seqs).map(lambda lens: _fit_total(lens, max_total))

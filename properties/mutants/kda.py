@@ -1,0 +1,118 @@
+"""Broken kda implementations, each made from one production kernel module by exact source edits.
+
+`kda_form` on each function names the form it breaks, so test_forms_agree compares it with the
+production kernel of the other form.
+"""
+from properties.mutants._mutate import mutate
+
+OP = "kda"
+CHUNK = "kernels.kda.chunk"
+RECURRENT = "kernels.kda.fused_recurrent"
+
+
+def _entry(tag, module, *replacements):
+    form, fn_name = ("chunk", "chunk_kda") if module == CHUNK else ("fused_recurrent", "fused_recurrent_kda")
+
+    def fn(*args, **kwargs):
+        return getattr(mutate(module, replacements, tag=tag), fn_name)(*args, **kwargs)
+    fn.__name__ = tag
+    fn.kda_form = form
+    return fn
+
+
+# value head hv reads q/k head hv % H instead of hv // (HV // H) (H = HV // GROUP)
+gva_modulo_chunk = _entry("gva_modulo_chunk", CHUNK, ("i_h = i_hv // GROUP", "i_h = i_hv % (HV // GROUP)"))
+gva_modulo_recurrent = _entry(
+    "gva_modulo_recurrent", RECURRENT,
+    ("i_h = i_hv // GROUP  # GVA", "i_h = i_hv % (HV // GROUP)  # GVA"))
+
+# the decay multiplies the state after the delta update instead of before it
+decay_after_update_recurrent = _entry(
+    "decay_after_update_recurrent", RECURRENT,
+    ("        b_h = b_h * tl.exp(b_g)[:, None]\n", ""),
+    ("        b_h += b_k[:, None] * b_u[None, :]\n",
+     "        b_h += b_k[:, None] * b_u[None, :]\n        b_h = b_h * tl.exp(b_g)[:, None]\n"))
+decay_after_update_chunk = _entry(
+    "decay_after_update_chunk", CHUNK,
+    ("b_h = b_h * b_gl[:, None] + tl.dot(tl.trans(b_kg), b_U, input_precision=DOT_PREC)",
+     "b_h = (b_h + tl.dot(tl.trans(b_kg), b_U, input_precision=DOT_PREC)) * b_gl[:, None]"))
+
+# varlen: each sequence's program starts at the first token of the pack, so the state carries
+# the previous sequences' tokens instead of resetting at the boundary
+no_varlen_reset_recurrent = _entry(
+    "no_varlen_reset_recurrent", RECURRENT,
+    ("bos = tl.load(cu_seqlens + i_n).to(tl.int64)", "bos = tl.load(cu_seqlens).to(tl.int64) + i_n * 0"))
+
+# varlen: the intra-chunk kernels take the pack's end as every sequence's end, so a sequence's
+# last partial chunk decays by (and writes rows of) the next sequence's tokens
+chunk_crosses_boundary = _entry(
+    "chunk_crosses_boundary", CHUNK,
+    ("eos = tl.load(cu_seqlens + i_n + 1).to(tl.int64)\n        row_base = i_b",
+     "eos = T + 0 * tl.load(cu_seqlens + i_n + 1).to(tl.int64)\n        row_base = i_b"))
+
+# the state kernel skips the last partial chunk (o rows left unwritten, state misses them)
+drop_last_partial_chunk = _entry(
+    "drop_last_partial_chunk", CHUNK,
+    ("for i_t in range(0, tl.cdiv(eos - bos, BT)):", "for i_t in range(0, (eos - bos) // BT):"))
+
+# beta read as 1
+beta_ignored = _entry(
+    "beta_ignored", RECURRENT,
+    ("b_beta = tl.load(p_beta + t * s_b_t).to(tl.float32)",
+     "b_beta = tl.load(p_beta + t * s_b_t).to(tl.float32) * 0.0 + 1.0"))
+
+# use_qk_l2norm ignored
+l2norm_skipped = _entry(
+    "l2norm_skipped", RECURRENT,
+    ("        if USE_QK_L2NORM:\n            b_q = b_q / tl.sqrt", "        if False:\n            b_q = b_q / tl.sqrt"))
+
+# the initial state is read but not used
+initial_state_ignored = _entry(
+    "initial_state_ignored", CHUNK,
+    ("b_h += tl.load(p_h0, mask=m_h, other=0.0).to(tl.float32)",
+     "b_h += 0.0 * tl.load(p_h0, mask=m_h, other=0.0).to(tl.float32)"))
+
+# T == 0 returns zeros instead of the initial state
+empty_drops_initial_state = _entry(
+    "empty_drops_initial_state", CHUNK,
+    ("return empty_result(q, v, d, initial_state, output_final_state)",
+     "return empty_result(q, v, d, None, output_final_state)"))
+
+# exp(G_last - G_i) formed as exp(G_last) * exp(-G_i): 0 * inf = NaN once the decays are deep
+decay_as_product = _entry(
+    "decay_as_product", CHUNK,
+    ("b_kg = b_k * tl.exp(tl.cumsum(b_g1, 0, reverse=True))",
+     "b_kg = b_k * (tl.exp(b_Gl)[None, :] * tl.exp(-b_G))"))
+
+# g's dtype is never checked (a float32 copy is validated instead; the kernel reads g as given)
+g_dtype_unchecked = _entry(
+    "g_dtype_unchecked", CHUNK,
+    ("d = check_kda_args(q, k, v, g, beta, scale,", "d = check_kda_args(q, k, v, g.float(), beta, scale,"))
+
+MUTANTS = {
+    "gva_modulo_chunk": ("gva_modulo_chunk", ("test_gva_consistency", "test_forms_agree"),
+                         "chunk: value head hv reads q/k head hv % H, not hv // (HV // H)"),
+    "gva_modulo_recurrent": ("gva_modulo_recurrent", ("test_equivalence", "test_gva_consistency"),
+                             "recurrent: value head hv reads q/k head hv % H, not hv // (HV // H)"),
+    "decay_after_update_recurrent": ("decay_after_update_recurrent", ("test_equivalence",),
+                                     "recurrent: decay applied after the delta update"),
+    "decay_after_update_chunk": ("decay_after_update_chunk", ("test_state_chaining",),
+                                 "chunk: decay applied after the chunk's state update"),
+    "no_varlen_reset_recurrent": ("no_varlen_reset_recurrent", ("test_varlen_packing",),
+                                  "recurrent: the state is not reset at a varlen boundary"),
+    "chunk_crosses_boundary": ("chunk_crosses_boundary", ("test_varlen_packing",),
+                               "chunk: a sequence's last chunk runs into the next sequence"),
+    "drop_last_partial_chunk": ("drop_last_partial_chunk",
+                                ("test_equivalence", "test_forms_agree", "test_state_chaining", "test_extreme_gates"),
+                                "chunk: the last partial chunk is dropped"),
+    "beta_ignored": ("beta_ignored", ("test_equivalence", "test_beta_zero_only_decays"), "recurrent: beta read as 1"),
+    "l2norm_skipped": ("l2norm_skipped", ("test_equivalence",), "recurrent: use_qk_l2norm ignored"),
+    "initial_state_ignored": ("initial_state_ignored",
+                              ("test_state_chaining", "test_beta_zero_only_decays"),
+                              "chunk: the initial state is ignored"),
+    "empty_drops_initial_state": ("empty_drops_initial_state", ("test_empty_call",),
+                                  "chunk: T == 0 returns zeros instead of the initial state"),
+    "decay_as_product": ("decay_as_product", ("test_extreme_gates",),
+                         "chunk: exp(G_last - G) as exp(G_last) * exp(-G) (0 * inf = NaN for deep decays)"),
+    "g_dtype_unchecked": ("g_dtype_unchecked", ("test_bad_input_rejected",), "g's dtype is not checked"),
+}
