@@ -1,6 +1,5 @@
 """Properties of kda (SPEC.md section 4), for every registered implementation (chunk_kda and
 fused_recurrent_kda both follow the one contract and run every property)."""
-import re
 
 import torch
 from hypothesis import given, settings
@@ -9,6 +8,7 @@ from hypothesis import strategies as st
 from oracles.kda import kda as oracle
 from properties import registry
 from properties import strategies as kst
+from properties.bad_input import check_bad_calls
 from properties.compare import _fail, assert_bitwise, assert_close, budget_of, eps_of
 from properties.guard import Unchanged, poison_allocations
 from properties.harness import prop
@@ -305,20 +305,6 @@ def _bad_calls(x, case):
     return rows
 
 
-def check_bad_calls(fn, case, x):
-    for what, make, exc, pattern in _bad_calls(x, case):
-        args, kwargs = make()
-        try:
-            fn(*args, **kwargs)
-        except exc as e:
-            if not re.search(pattern, str(e)):
-                _fail(f"bad call '{what}': {type(e).__name__} does not name the argument ({pattern}): {e}")
-        except Exception as e:  # a different exception type is a contract violation too
-            _fail(f"bad call '{what}': expected {exc.__name__}, got {type(e).__name__}: {e}")
-        else:
-            _fail(f"bad call '{what}': no error raised")
-
-
 @prop(inp.cases(min_tokens=1), examples=0.08)
 def test_bad_input_rejected(impl, case):
     """Each bad call of the table raises ValueError/TypeError naming the argument, before anything
@@ -326,7 +312,7 @@ def test_bad_input_rejected(impl, case):
     x = inp.build(case)
     unchanged = Unchanged(**x.tensors())
     with poison_allocations():
-        check_bad_calls(impl, case, x)
+        check_bad_calls(impl, _bad_calls(x, case))
     unchanged.check()
 
 
@@ -334,4 +320,4 @@ def test_bad_input_rejected(impl, case):
 @given(case=inp.cases(min_tokens=1))
 def test_oracle_rejects_bad_input(case):
     """The oracle validates as strictly as the kernels: the same table raises the same errors."""
-    check_bad_calls(oracle, case, inp.build(case))
+    check_bad_calls(oracle, _bad_calls(inp.build(case), case))
