@@ -58,8 +58,70 @@ def qkv_cases(qkv_norm_rope_cache):
     yield "fp32, D=256, MHA", lambda: case(qh=4, kvh=4, D=256, dtype=torch.float32, cache=torch.float32)
 
 
+def mla_cases(mla_decode):
+    def case(B=2, H=16, L=512, P=64, page_size=64, dtype=torch.bfloat16, cache=None, kv_scale=False,
+             head_padding="auto", return_lse=False, splits=None):
+        cache = cache or dtype
+        pages = 4
+        q = torch.randn(B, H, L + P).to(dtype)
+        kv = torch.zeros(pages * B, page_size, L + P, dtype=cache)
+        indptr = torch.arange(0, pages * B + 1, pages, dtype=torch.int32)
+        indices = torch.arange(pages * B, dtype=torch.int32)
+        lens = torch.full((B,), pages * page_size - 1, dtype=torch.int32)
+        s = torch.ones(1) if kv_scale else None
+        mla_decode(q, kv, indptr, indices, lens, kv_lora_rank=L, kv_scale=s, num_kv_splits=splits,
+                   head_padding=head_padding, return_lse=return_lse)
+
+    # the first case runs on every mutant: the pad path with lse, so each mutated line compiles
+    yield "H=4 pad, lse, DeepSeek-V3 dims", lambda: case(H=4, head_padding="pad", return_lse=True)
+    yield "H=16", lambda: case(H=16)
+    yield "H=128 (BH 64), lse", lambda: case(H=128, return_lse=True)
+    yield "H=20 (BH 32)", lambda: case(H=20)
+    yield "H=5 mask, fp16", lambda: case(H=5, head_padding="mask", dtype=torch.float16)
+    yield "fp8 cache with kv_scale, H=8", lambda: case(H=8, cache=torch.float8_e4m3fn, kv_scale=True, return_lse=True)
+    yield "fp8 cache, fp16 q, H=128", lambda: case(H=128, dtype=torch.float16, cache=torch.float8_e4m3fn, kv_scale=True)
+    yield "L=1024 P=128", lambda: case(L=1024, P=128, return_lse=True)
+    yield "L=1024 P=128, H=128", lambda: case(L=1024, P=128, H=128)
+    yield "P=0", lambda: case(L=512, P=0)
+    yield "L=16 P=2, page_size 1", lambda: case(L=16, P=2, page_size=1)
+    yield "page_size 1, 64 splits", lambda: case(page_size=1, splits=64)
+    yield "page_size 64, 1 split", lambda: case(page_size=64, splits=1, return_lse=True)
+
+
+def gather_cases(gather_kv_b_proj):
+    fp8 = torch.float8_e4m3fn
+
+    def case(H=2, L=512, P=64, qk=128, v=128, cache=torch.bfloat16, weight=torch.bfloat16,
+             w_scale=None, kv_scale=False, out=torch.bfloat16, block_size=16):
+        lens = [5, 0, 20]
+        blocks = [-(-n // block_size) for n in lens]
+        indptr = torch.tensor([0, blocks[0], blocks[0] + blocks[1], sum(blocks)], dtype=torch.int32)
+        indices = torch.arange(sum(blocks), dtype=torch.int32)
+        cu = torch.tensor([0, 5, 5, 25], dtype=torch.int32)
+        kv_cache = torch.zeros(sum(blocks), block_size, L + P).to(cache)
+        N = H * (qk + v)
+        w = torch.zeros(N, L).to(weight)
+        ws = {None: None, "row": torch.ones(N), "block": torch.ones(-(-N // 128), -(-L // 128))}[w_scale]
+        gather_kv_b_proj(kv_cache, indptr, indices, cu, w, kv_lora_rank=L, qk_nope_head_dim=qk, v_head_dim=v,
+                         w_scale=ws, kv_scale=torch.ones(1) if kv_scale else None, out_dtype=out)
+
+    # the first case (also compiled for every mutant) reaches the most mutated code: an fp8 cache
+    # beside a bf16 weight, block scales, kv_scale, a rope part
+    yield "DeepSeek dims, fp8 cache x bf16 weight, block scales", lambda: case(cache=fp8, w_scale="block", kv_scale=True)
+    yield "bf16 DeepSeek-V3 (L=512 P=64 qk=v=128 H=2)", lambda: case()
+    yield "fp8 cache x fp8 weight, block scales", lambda: case(cache=fp8, weight=fp8, w_scale="block", kv_scale=True)
+    yield "qk=192 v=256, fp8 weight, per-row scale", lambda: case(qk=192, v=256, weight=fp8, w_scale="row")
+    yield "P=0, fp16 cache and weight, fp16 out", lambda: case(P=0, cache=torch.float16, weight=torch.float16,
+                                                                out=torch.float16)
+    yield "bf16 cache x fp16 weight, fp32 out, odd dims", lambda: case(H=3, L=48, P=2, qk=100, v=33,
+                                                                       weight=torch.float16, out=torch.float32,
+                                                                       block_size=1)
+
+
 # op -> (production "module:function", cases(fn) yielding (name, thunk))
-CASES = {"qkv_norm_rope_cache": ("kernels.qkv_norm_rope_cache:qkv_norm_rope_cache", qkv_cases)}
+CASES = {"qkv_norm_rope_cache": ("kernels.qkv_norm_rope_cache:qkv_norm_rope_cache", qkv_cases),
+         "mla_decode": ("kernels.mla_decode:mla_decode", mla_cases),
+         "gather_kv_b_proj": ("kernels.gather_kv_b_proj:gather_kv_b_proj", gather_cases)}
 
 
 def _load(target: str):

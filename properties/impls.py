@@ -7,6 +7,7 @@ from properties import registry
 PRODUCTION = {
     "qkv_norm_rope_cache": {"triton": "kernels.qkv_norm_rope_cache:qkv_norm_rope_cache"},
     "kda": {"chunk": "kernels.kda:chunk_kda", "fused_recurrent": "kernels.kda:fused_recurrent_kda"},
+    "mla_decode": {"triton": "kernels.mla_decode:mla_decode"},
 }
 
 
