@@ -31,7 +31,9 @@ Design
   rounded once to out_dtype (the same value torch gives for (pe.double() * kv_scale).to(out_dtype),
   which converts through float32), bit-identical across heads.
 - Under the Triton interpreter the dot operands are upcast to float32 (its bf16/fp16 dots are
-  wrong) and bf16 stores go through cast_to's exact rounding.
+  wrong), each K step is a broadcast product summed over k in order (numpy's sgemm behind its
+  tl.dot rounds a row by its position in the tile, which breaks batch split invariance), and
+  bf16 stores go through cast_to's exact rounding.
 
 The one host read: the output row count total = cu_kv_lens[-1] must be known to allocate k and v
 (the contract returns them), so the launcher reads that single element. No other tensor data is
@@ -138,11 +140,19 @@ def _gather_kv_b_proj_kernel(
             b_w = tl.load(p_w, mask=m_k[:, None] & m_n[None, :], other=0.0)
             p_a += BK * s_cd
             p_w += BK * s_wl
+            if EXACT_ROUNDING:
+                # interpreter: numpy's sgemm (its tl.dot) rounds a row differently depending on its
+                # position in the tile; products summed over k in order are the same for every row
+                # [BT, BN]
+                b_p = tl.sum(b_a.to(tl.float32)[:, :, None] * b_w.to(tl.float32)[None, :, :], axis=1)
             if W_SCALE_MODE == 2:
                 # [BN] block scale of absolute row r // 128, column block k0 // 128 (BK divides 128)
                 b_s = tl.load(w_scale + (o_wrow // 128) * s_sn + (k0 // 128) * s_sl, mask=m_n, other=0.0)
-                acc += tl.dot(b_a.to(DOT_DTYPE), b_w.to(DOT_DTYPE),
-                              input_precision=INPUT_PRECISION) * b_s[None, :]
+                if not EXACT_ROUNDING:
+                    b_p = tl.dot(b_a.to(DOT_DTYPE), b_w.to(DOT_DTYPE), input_precision=INPUT_PRECISION)
+                acc += b_p * b_s[None, :]
+            elif EXACT_ROUNDING:
+                acc += b_p
             else:
                 acc = tl.dot(b_a.to(DOT_DTYPE), b_w.to(DOT_DTYPE), acc, input_precision=INPUT_PRECISION)
         if W_SCALE_MODE == 1:
