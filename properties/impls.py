@@ -8,6 +8,7 @@ PRODUCTION = {
     "qkv_norm_rope_cache": {"triton": "kernels.qkv_norm_rope_cache:qkv_norm_rope_cache"},
     "kda": {"chunk": "kernels.kda:chunk_kda", "fused_recurrent": "kernels.kda:fused_recurrent_kda"},
     "mla_decode": {"triton": "kernels.mla_decode:mla_decode"},
+    "gather_kv_b_proj": {"triton": "kernels.gather_kv_b_proj:gather_kv_b_proj"},
 }
 
 

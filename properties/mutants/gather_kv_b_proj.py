@@ -1,0 +1,103 @@
+"""Broken gather_kv_b_proj implementations, each made from the production kernel by exact edits.
+
+Every stray access stays inside the tensors or their guard bands: the cache and w_scale are built
+inside Guarded buffers (properties/inputs/gather_kv_b_proj.py), and the weight-row mutant keeps its
+rows below N.
+"""
+import functools
+
+from properties.mutants._mutate import entry
+
+OP = "gather_kv_b_proj"
+_entry = functools.partial(entry, "kernels.gather_kv_b_proj", "gather_kv_b_proj")
+
+# qk_nope assumed equal to v_head_dim: the weight's head stride taken as 2 * min(qk, v) (the true
+# stride only when they are equal; the min keeps every row read below N)
+qk_equals_v = _entry(
+    "qk_equals_v",
+    ("w_row0 = i_h * (QK + VD) + tl.where(is_k, 0, QK) + d0",
+     "w_row0 = i_h * 2 * tl.minimum(QK, VD) + tl.where(is_k, 0, QK) + d0"))
+
+# unmasked tail read: the sequence search takes `<` for `<=`, so the first token of every sequence
+# is read as token len(b-1) of the previous one: past its length, in the tail of its last block
+# (or a spare table entry); the slot is inside the cache, so it shows as a wrong or NaN row
+tail_read_past_len = _entry("tail_read_past_len", ("m_go = b_cu <= o_t", "m_go = b_cu < o_t"))
+
+# upstream's bug: with an fp8 cache, a bf16/fp16 weight is rounded to fp8 before the dot
+bf16_weight_to_fp8 = _entry(
+    "bf16_weight_to_fp8",
+    ("            b_w = tl.load(p_w, mask=m_k[:, None] & m_n[None, :], other=0.0)\n",
+     "            b_w = tl.load(p_w, mask=m_k[:, None] & m_n[None, :], other=0.0)\n"
+     "            if cache.dtype.element_ty == tl.float8e4nv:\n"
+     "                b_w = b_w.to(tl.float8e4nv)\n"))
+
+# the 128x128 block scale indexed by head instead of by the absolute weight row r // 128
+# (rows past the scale tensor land in its guard band)
+block_scale_per_head = _entry(
+    "block_scale_per_head",
+    ("b_s = tl.load(w_scale + (o_wrow // 128) * s_sn + (k0 // 128) * s_sl, mask=m_n, other=0.0)",
+     "b_s = tl.load(w_scale + (o_wrow * 0 + i_h) * s_sn + (k0 // 128) * s_sl, mask=m_n, other=0.0)"))
+
+# the block scale multiplies the running sum, not the K step's partial product: earlier steps
+# are scaled again at every later step
+block_scale_compounds = _entry(
+    "block_scale_compounds",
+    ("acc += b_p * b_s[None, :]", "acc = (acc + b_p) * b_s[None, :]"))
+
+# k_pe of heads >= 1 read two columns early (the last latent columns leak into the rope part)
+pe_shifted_per_head = _entry(
+    "pe_shifted_per_head",
+    ("p_c = (cache + L * s_cd) + o_row[:, None] + o_p[None, :] * s_cd",
+     "p_c = (cache + (L - 2 * tl.minimum(i_h, 1)) * s_cd) + o_row[:, None] + o_p[None, :] * s_cd"))
+
+# k_pe rounded twice: through bfloat16, then to out_dtype
+pe_rounded_twice = _entry(
+    "pe_rounded_twice",
+    ("                b_pe = cast_to(b_pe, k_out.dtype.element_ty, EXACT_ROUNDING)",
+     "                b_pe = cast_to(cast_to(b_pe, tl.bfloat16, EXACT_ROUNDING).to(tl.float32), "
+     "k_out.dtype.element_ty, EXACT_ROUNDING)"))
+
+# blocks addressed by their position in the table, not by the ids kv_indices holds (wrapped to
+# the cache's block count so no read leaves it)
+blocks_by_position = _entry(
+    "blocks_by_position",
+    ("        kv_cache, kv_indptr, kv_indices, cu_kv_lens, w_kv_b, ws,",
+     "        kv_cache, kv_indptr, torch.arange(kv_indices.numel(), device=dev, dtype=kv_indices.dtype) "
+     "% max(kv_cache.shape[0], 1), cu_kv_lens, w_kv_b, ws,"))
+
+# the latent load ignores the K mask: the last K step reads past column L, through the rope part
+# into the stride gap, the next slot's row or the guard band (its weight columns are zero, but
+# 0 * NaN is NaN)
+latent_unmasked_k = _entry(
+    "latent_unmasked_k",
+    ("b_a = tl.load(p_a, mask=m_row[:, None] & m_k[None, :], other=0.0)",
+     "b_a = tl.load(p_a, mask=m_row[:, None], other=0.0)"))
+
+# the launcher checks nothing
+no_checks = _entry(
+    "no_checks",
+    ("    P, H, mode = _check(",
+     "    P, H, mode = (kv_cache.shape[-1] - kv_lora_rank, w_kv_b.shape[0] // (qk_nope_head_dim + v_head_dim), "
+     "0 if w_scale is None else (1 if w_scale.dim() == 1 else 2)) if True else _check("))
+
+MUTANTS = {
+    "qk_equals_v": ("qk_equals_v", ("test_equivalence",),
+                    "qk_nope_head_dim assumed equal to v_head_dim (weight head stride 2 * min(qk, v))"),
+    "tail_read_past_len": ("tail_read_past_len",
+                           ("test_equivalence", "test_unheld_slots_ignored", "test_batch_split_invariance"),
+                           "a sequence's first token read from past the previous sequence's length"),
+    "bf16_weight_to_fp8": ("bf16_weight_to_fp8", ("test_equivalence",),
+                           "bf16/fp16 weight rounded to fp8 when the cache is fp8 (upstream)"),
+    "block_scale_per_head": ("block_scale_per_head", ("test_equivalence",),
+                             "block w_scale row indexed by head instead of by absolute row // 128"),
+    "block_scale_compounds": ("block_scale_compounds", ("test_equivalence", "test_uniform_block_scale_is_row_scale"),
+                              "block w_scale multiplies the running sum at every K step"),
+    "pe_shifted_per_head": ("pe_shifted_per_head", ("test_equivalence", "test_rope_part_exact"),
+                            "k_pe of heads >= 1 read two columns early"),
+    "pe_rounded_twice": ("pe_rounded_twice", ("test_rope_part_exact",), "k_pe rounded through bfloat16 first"),
+    "blocks_by_position": ("blocks_by_position", ("test_equivalence", "test_block_placement_invariance"),
+                           "block id = position in the table, kv_indices ignored"),
+    "latent_unmasked_k": ("latent_unmasked_k", ("test_no_read_past_cache", "test_unheld_slots_ignored"),
+                          "latent load not masked at column L: reads past the row"),
+    "no_checks": ("no_checks", ("test_bad_input_rejected",), "the launcher validates nothing"),
+}
