@@ -118,10 +118,32 @@ def gather_cases(gather_kv_b_proj):
                                                                        block_size=1)
 
 
-# op -> (production "module:function", cases(fn) yielding (name, thunk))
+def kda_cases(kda):
+    def case(T=130, H=4, HV=8, K=128, V=128, dtype=torch.bfloat16, lens=None, h0=True, l2norm=False):
+        B = 1 if lens else 2
+        T = sum(lens) if lens else T
+        q, k = torch.randn(B, T, H, K).to(dtype), torch.randn(B, T, H, K).to(dtype)
+        v = torch.randn(B, T, HV, V).to(dtype)
+        g = -torch.rand(B, T, HV, K)
+        beta = torch.rand(B, T, HV).to(dtype)
+        cu = torch.tensor([0] + list(torch.tensor(lens).cumsum(0)), dtype=torch.int32) if lens else None
+        N = len(lens) if lens else B
+        s0 = torch.zeros(N, HV, K, V) if h0 else None
+        kda(q, k, v, g, beta, initial_state=s0, output_final_state=True, cu_seqlens=cu, use_qk_l2norm=l2norm)
+
+    yield "H=4 HV=8 K=V=128 bf16, initial state", lambda: case()
+    yield "H=HV=16 K=V=128 bf16 (the bench shape)", lambda: case(H=16, HV=16, T=64)
+    yield "varlen, l2norm, fp16", lambda: case(lens=[3, 64, 70], l2norm=True, dtype=torch.float16)
+    yield "K=100 V=200 fp32", lambda: case(K=100, V=200, dtype=torch.float32, h0=False)
+    yield "K=V=256 bf16", lambda: case(K=256, V=256, H=2, HV=2)
+
+
+# op -> (production "module:function" or a list of them, cases(fn) yielding (name, thunk))
 CASES = {"qkv_norm_rope_cache": ("kernels.qkv_norm_rope_cache:qkv_norm_rope_cache", qkv_cases),
          "mla_decode": ("kernels.mla_decode:mla_decode", mla_cases),
-         "gather_kv_b_proj": ("kernels.gather_kv_b_proj:gather_kv_b_proj", gather_cases)}
+         "gather_kv_b_proj": ("kernels.gather_kv_b_proj:gather_kv_b_proj", gather_cases),
+         "kda": (["kernels.kda:chunk_kda", "kernels.kda:fused_recurrent_kda"], kda_cases)}
+SMEM_LIMIT = 232448  # bytes of shared memory one block may use on sm_90 (227 KB, opt-in maximum)
 
 
 def _load(target: str):
@@ -133,9 +155,12 @@ def _load(target: str):
 def variants(with_mutants: bool):
     """(label, thunk): every case on the production kernel; with_mutants, the first case of each
     op on each registered mutant too (the mutant gate runs them on the GPU)."""
-    for op, (target, cases) in CASES.items():
-        for name, thunk in cases(_load(target)):
-            yield f"{op}: {name}", thunk
+    for op, (targets, cases) in CASES.items():
+        targets = [targets] if isinstance(targets, str) else targets
+        for target in targets:
+            form = f" [{target.rpartition(':')[2]}]" if len(targets) > 1 else ""
+            for name, thunk in cases(_load(target)):
+                yield f"{op}{form}: {name}", thunk
         if with_mutants:
             from properties import registry
             for m in registry.implementations(op, kinds=("mutant",)):
@@ -178,6 +203,11 @@ def main(argv) -> int:
         try:
             thunk()
             detail = ", ".join(f"{k} ({shared} B shared, {sec:.1f} s)" for k, shared, sec, _ in compiled)
+            over = [k for k, shared, _, _ in compiled if shared > SMEM_LIMIT]
+            if over:
+                failed += 1
+                print(f"FAIL  {label}: shared memory over the {SMEM_LIMIT} B limit: {detail}")
+                continue
             print(f"ok    {label}: {detail}")
         except Exception:
             failed += 1
