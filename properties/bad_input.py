@@ -18,3 +18,19 @@ def check_bad_calls(fn, rows) -> None:
             _fail(f"bad call '{what}': expected {exc.__name__}, got {type(e).__name__}: {e}")
         else:
             _fail(f"bad call '{what}': no error raised")
+
+
+def editors(args, kwargs):
+    """(with_arg, with_kw) for building a table from a good call: with_arg(i, value) replaces one
+    positional argument, with_kw(**changes) keyword arguments; each returns the row's make()."""
+    args, kwargs = list(args), dict(kwargs)
+
+    def with_arg(i, value):
+        edited = list(args)
+        edited[i] = value
+        return lambda: (edited, kwargs)
+
+    def with_kw(**changes):
+        return lambda: (args, {**kwargs, **changes})
+
+    return with_arg, with_kw

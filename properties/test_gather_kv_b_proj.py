@@ -10,7 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from oracles.gather_kv_b_proj import gather_kv_b_proj as oracle
-from properties.bad_input import check_bad_calls
+from properties.bad_input import check_bad_calls, editors
 from properties.compare import _fail, assert_bitwise, assert_close
 from properties.guard import Unchanged, poison_allocations
 from properties.harness import prop
@@ -171,13 +171,7 @@ def _bad_calls(x, case):
     dev = cache.device
     L, P, qk, vd, N = case.L, case.P, case.qk, case.vd, w.shape[0]
 
-    def with_arg(i, value):
-        b = list(a)
-        b[i] = value
-        return lambda: (b, kw)
-
-    def with_kw(**changes):
-        return lambda: (a, {**kw, **changes})
+    with_arg, with_kw = editors(a, kw)
 
     blocks = (-(-N // 128), -(-L // 128))
     rows = [  # the first row must be harmless on a kernel that checks nothing (the no_checks mutant)

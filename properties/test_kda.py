@@ -8,7 +8,7 @@ from hypothesis import strategies as st
 from oracles.kda import kda as oracle
 from properties import registry
 from properties import strategies as kst
-from properties.bad_input import check_bad_calls
+from properties.bad_input import check_bad_calls, editors
 from properties.compare import _fail, assert_bitwise, assert_close, budget_of, eps_of
 from properties.guard import Unchanged, poison_allocations
 from properties.harness import prop
@@ -240,13 +240,7 @@ def _bad_calls(x, case):
     h0 = kw["initial_state"]
     N = len(case.lens) if case.lens is not None else B
 
-    def with_arg(i, value):
-        b = list(a)
-        b[i] = value
-        return lambda: (b, kw)
-
-    def with_kw(**changes):
-        return lambda: (a, {**kw, **changes})
+    with_arg, with_kw = editors(a, kw)
 
     def heads(h):  # q and k with h heads (v, g, beta keep HV)
         z = torch.zeros((B, T, h, K), dtype=q.dtype, device=dev)

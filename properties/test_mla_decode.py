@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 
 from oracles.mla_decode import mla_decode as oracle
 from properties import builders
-from properties.bad_input import check_bad_calls
+from properties.bad_input import check_bad_calls, editors
 from properties.compare import _fail, assert_bitwise, assert_close, budget_of, eps_of
 from properties.guard import Unchanged, poison_allocations
 from properties.harness import prop
@@ -234,13 +234,7 @@ def _bad_calls(x, case):
     L = case.L
     dev = q.device
 
-    def with_arg(i, value):
-        b = list(a)
-        b[i] = value
-        return lambda: (b, kw)
-
-    def with_kw(**changes):
-        return lambda: (a, {**kw, **changes})
+    with_arg, with_kw = editors(a, kw)
 
     def dims(d):  # q and kv_cache with last dim d
         zq = torch.zeros((B, H, d), dtype=q.dtype, device=dev)

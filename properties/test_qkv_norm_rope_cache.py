@@ -7,7 +7,7 @@ from hypothesis import strategies as st
 from oracles.qkv_norm_rope_cache import qkv_norm_rope_cache as oracle
 from properties import backend
 from properties import strategies as kst
-from properties.bad_input import check_bad_calls
+from properties.bad_input import check_bad_calls, editors
 from properties.compare import _fail, assert_bitwise, assert_close
 from properties.guard import Unchanged, poison_allocations
 from properties.harness import prop
@@ -210,13 +210,7 @@ def _bad_calls(x, case):
     """(what, make the call's (args, kwargs), exception type, regex naming the argument)."""
     a, kw = list(x.args), dict(x.kwargs)
 
-    def with_arg(i, value):
-        b = list(a)
-        b[i] = value
-        return lambda: (b, kw)
-
-    def with_kw(**changes):
-        return lambda: (a, {**kw, **changes})
+    with_arg, with_kw = editors(a, kw)
 
     qkv, cos, pos, kc, slots = a[0], a[3], a[5], a[6], a[8]
     dev = qkv.device
