@@ -37,8 +37,8 @@ def main(argv) -> int:
     os.makedirs(out, exist_ok=True)
     os.environ.update(KERNELFUZZ_PROFILE="nightly", KERNELFUZZ_MAX_EXAMPLES=str(examples),
                       KERNELFUZZ_FAILURES=os.path.join(os.path.abspath(out), "failures"))
-    ops = args.ops or sorted(os.path.basename(p)[5:-3] for p in glob.glob("properties/test_*.py")
-                             if os.path.basename(p)[5:-3] not in ("mutants", "regressions", "strategies"))
+    from properties import registry
+    ops = args.ops or registry.ops()
     files = [f"properties/test_{op}.py" for op in ops]
     print(f"kernelfuzz campaign: ops {', '.join(ops)}; {examples} examples per property; seed {seed}; "
           f"{n} worker(s); results in {out}", flush=True)
@@ -91,7 +91,7 @@ def _summary(junit: str, added: list, seed: int) -> None:
         return
     table = Table(title=f"kernelfuzz campaign (seed {seed})")
     for col in cols:
-        table.add_column(col)
+        table.add_column(col, no_wrap=(col == "op"))
     for row in body:
         table.add_row(*row)
     Console().print(table)
