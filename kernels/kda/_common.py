@@ -4,6 +4,7 @@ from typing import NamedTuple, Optional
 
 import torch
 import triton
+import triton.language as tl
 
 from kernels._checks import FLOAT_ACTIVATIONS, INDEX_DTYPES, check_int, check_tensor
 
@@ -73,3 +74,20 @@ def empty_result(q, v, d: Dims, initial_state, output_final_state):
     if initial_state is not None:
         return o, initial_state.clone()
     return o, torch.zeros((d.N, d.HV, d.K, d.V), dtype=torch.float32, device=q.device)
+
+
+@triton.jit
+def load_state(h0, i_n, i_hv, o_k, o_v, m_h, s_n, s_h, s_k, s_v,
+               BK: tl.constexpr, BV: tl.constexpr, USE_INITIAL_STATE: tl.constexpr):
+    """[BK, BV] float32 state block: initial_state[i_n, i_hv, o_k, o_v] (any strides), or zeros."""
+    b_h = tl.zeros([BK, BV], dtype=tl.float32)
+    if USE_INITIAL_STATE:
+        p_h0 = h0 + i_n * s_n + i_hv * s_h + o_k[:, None] * s_k + o_v[None, :] * s_v
+        b_h += tl.load(p_h0, mask=m_h, other=0.0).to(tl.float32)
+    return b_h
+
+
+@triton.jit
+def store_state(ht, b_h, i_n, i_hv, o_k, o_v, m_h, HV, K, V):
+    """Write a [BK, BV] state block to the final state, allocated contiguous [N, HV, K, V]."""
+    tl.store(ht + (i_n * HV + i_hv) * K * V + o_k[:, None] * V + o_v[None, :], b_h, mask=m_h)

@@ -28,7 +28,7 @@ import triton
 import triton.language as tl
 
 from kernels._triton import cast_to, interpreting
-from kernels.kda._common import check_kda_args, empty_result, pow2
+from kernels.kda._common import check_kda_args, empty_result, load_state, pow2, store_state
 from kernels.kda.fused_recurrent import fused_recurrent_kda
 
 BT = 64  # chunk size
@@ -298,10 +298,7 @@ def _kda_chunk_fwd_kernel(
     m_h = m_k[:, None] & m_v[None, :]
 
     # [BK, BV]
-    b_h = tl.zeros([BK, BV], dtype=tl.float32)
-    if USE_INITIAL_STATE:
-        p_h0 = h0 + i_n * s_h0_n + i_hv * s_h0_h + o_k[:, None] * s_h0_k + o_v[None, :] * s_h0_v
-        b_h += tl.load(p_h0, mask=m_h, other=0.0).to(tl.float32)
+    b_h = load_state(h0, i_n, i_hv, o_k, o_v, m_h, s_h0_n, s_h0_h, s_h0_k, s_h0_v, BK, BV, USE_INITIAL_STATE)
 
     for i_t in range(0, tl.cdiv(eos - bos, BT)):
         t0 = bos + i_t * BT
@@ -334,8 +331,7 @@ def _kda_chunk_fwd_kernel(
         b_h = b_h * b_gl[:, None] + tl.dot(tl.trans(b_kg), b_U, input_precision=DOT_PREC)
 
     if STORE_FINAL_STATE:
-        # ht is contiguous [N, HV, K, V]
-        tl.store(ht + (i_n * HV + i_hv) * K * V + o_k[:, None] * V + o_v[None, :], b_h, mask=m_h)
+        store_state(ht, b_h, i_n, i_hv, o_k, o_v, m_h, HV, K, V)
 
 
 def _launch_config(K: int, V: int) -> dict:

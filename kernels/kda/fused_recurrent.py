@@ -11,7 +11,7 @@ import triton
 import triton.language as tl
 
 from kernels._triton import cast_to, interpreting
-from kernels.kda._common import check_kda_args, empty_result, pow2
+from kernels.kda._common import check_kda_args, empty_result, load_state, pow2, store_state
 
 L2_EPS = 1e-6  # q / sqrt(sum q^2 + 1e-6), as fla's l2norm
 
@@ -53,10 +53,7 @@ def _kda_recurrent_kernel(
     m_h = m_k[:, None] & m_v[None, :]
 
     # [BK, BV]
-    b_h = tl.zeros([BK, BV], dtype=tl.float32)
-    if USE_INITIAL_STATE:
-        p_h0 = h0 + i_n * s_h0_n + i_hv * s_h0_h + o_k[:, None] * s_h0_k + o_v[None, :] * s_h0_v
-        b_h += tl.load(p_h0, mask=m_h, other=0.0).to(tl.float32)
+    b_h = load_state(h0, i_n, i_hv, o_k, o_v, m_h, s_h0_n, s_h0_h, s_h0_k, s_h0_v, BK, BV, USE_INITIAL_STATE)
 
     p_q = q + i_b * s_q_b + i_h * s_q_h + o_k * s_q_k
     p_k = k + i_b * s_k_b + i_h * s_k_h + o_k * s_k_k
@@ -85,9 +82,7 @@ def _kda_recurrent_kernel(
         tl.store(p_o + t * HV * V, cast_to(b_o, o.dtype.element_ty, EXACT_ROUNDING), mask=m_v)
 
     if STORE_FINAL_STATE:
-        # ht is allocated contiguous [N, HV, K, V]
-        p_ht = ht + (i_n * HV + i_hv) * K * V + o_k[:, None] * V + o_v[None, :]
-        tl.store(p_ht, b_h, mask=m_h)
+        store_state(ht, b_h, i_n, i_hv, o_k, o_v, m_h, HV, K, V)
 
 
 def _launch_config(K: int, V: int):

@@ -3,7 +3,7 @@
 `kda_form` on each function names the form it breaks, so test_forms_agree compares it with the
 production kernel of the other form.
 """
-from properties.mutants._mutate import mutate
+from properties.mutants._mutate import entry
 
 OP = "kda"
 CHUNK = "kernels.kda.chunk"
@@ -13,9 +13,7 @@ RECURRENT = "kernels.kda.fused_recurrent"
 def _entry(tag, module, *replacements):
     form, fn_name = ("chunk", "chunk_kda") if module == CHUNK else ("fused_recurrent", "fused_recurrent_kda")
 
-    def fn(*args, **kwargs):
-        return getattr(mutate(module, replacements, tag=tag), fn_name)(*args, **kwargs)
-    fn.__name__ = tag
+    fn = entry(module, fn_name, tag, *replacements)
     fn.kda_form = form
     return fn
 
@@ -69,8 +67,7 @@ l2norm_skipped = _entry(
 # the initial state is read but not used
 initial_state_ignored = _entry(
     "initial_state_ignored", CHUNK,
-    ("b_h += tl.load(p_h0, mask=m_h, other=0.0).to(tl.float32)",
-     "b_h += 0.0 * tl.load(p_h0, mask=m_h, other=0.0).to(tl.float32)"))
+    ("b_h = load_state(h0,", "b_h = 0.0 * load_state(h0,"))
 
 # T == 0 returns zeros instead of the initial state
 empty_drops_initial_state = _entry(
