@@ -52,3 +52,14 @@ def test_mutant_is_killed(mutant, prop):
     except (AssertionError, pytest.fail.Exception):
         return
     pytest.fail(f"mutant {mutant.name} ({mutant.why}) survived {prop} over {MUTANT_EXAMPLES} examples")
+
+
+@pytest.mark.parametrize("op", registry.ops())
+def test_oracle_validation_is_checked(op, monkeypatch):
+    """The plant for each op's test_oracle_rejects_bad_input: oracle validation that checks
+    nothing (oracles._validate.need made a no-op) must make that test fail."""
+    import oracles._validate
+    module = importlib.import_module(f"properties.test_{op}")
+    monkeypatch.setattr(oracles._validate, "need", lambda cond, exc, msg: None)
+    with pytest.raises(AssertionError, match="no error raised"):
+        module.test_oracle_rejects_bad_input()
