@@ -107,3 +107,27 @@ def assert_bitwise(name: str, actual: torch.Tensor, expected: torch.Tensor) -> N
         i = int(bad[0])
         _fail(f"{name}: not bit-exact: {bad.numel()} of {same.numel()} elements differ; first at index "
               f"{_index(i, actual.shape)}: {actual.flatten()[i].item()!r} vs {expected.flatten()[i].item()!r}")
+
+
+def assert_agree(name, a, b, golden, reference, out_dtype):
+    """Two results of the same computation (two kernels, or one kernel two ways) agree:
+    max|a - b| <= 2 * budget where golden is finite. Each may sit anywhere within the one budget of
+    the golden result, so two correct results differ by at most twice it (|a - b| <= |a - G| +
+    |G - b|); where golden is not finite (an lse of -inf) both hold it exactly."""
+    g = golden.detach().double().cpu()
+    a64, b64 = a.detach().double().cpu(), b.detach().double().cpu()
+    fin = torch.isfinite(g)
+    for label, t in (("first", a64), ("second", b64)):
+        if not torch.equal(t[~fin], g[~fin]):
+            _fail(f"{name}: the {label} result does not hold golden's non-finite values ({g[~fin][:4].tolist()})")
+    if not fin.any():
+        return
+    budget, ref_err, gmax = budget_of(golden, reference, out_dtype)
+    err = (a64 - b64).abs()
+    err = torch.where(fin, torch.where(torch.isnan(err), torch.full_like(err, float("inf")), err), torch.zeros_like(err))
+    worst = err.max().item()
+    if not worst <= 2 * budget:
+        i = int(err.flatten().argmax())
+        _fail(f"{name}: the two differ by {worst:.4g} at index {_index(i, g.shape)} ({a64.flatten()[i].item():.6g} vs "
+              f"{b64.flatten()[i].item():.6g}), more than twice the budget {budget:.4g} (= 2 * (reference "
+              f"error {ref_err:.3g} + eps {eps_of(out_dtype):.3g} * max|golden| {gmax:.4g}))")

@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 from oracles.mla_decode import mla_decode as oracle
 from properties import builders
 from properties.bad_input import check_bad_calls, editors
-from properties.compare import _fail, assert_bitwise, assert_close, budget_of, eps_of
+from properties.compare import _fail, assert_agree, assert_bitwise, assert_close
 from properties.guard import Unchanged, poison_allocations
 from properties.harness import prop
 from properties.inputs import mla_decode as inp
@@ -116,29 +116,6 @@ def test_padded_replicas_identical(impl, case):
     for r in range(rep):
         assert_bitwise(f"o: padded rows h * {rep} + {r} vs public o", o_pad[:, r::rep], o)
         assert_bitwise(f"lse: padded rows h * {rep} + {r} vs public lse", lse_pad[:, r::rep], lse)
-
-
-def assert_agree(name, a, b, golden, reference, out_dtype):
-    """max|a - b| <= 2 * budget where golden is finite (each may sit anywhere within the one
-    budget of the golden result, so two correct results differ by at most twice it: |a - b| <=
-    |a - G| + |G - b|); where golden is not finite (lse -inf) both hold it exactly."""
-    g = golden.detach().double().cpu()
-    a64, b64 = a.detach().double().cpu(), b.detach().double().cpu()
-    fin = torch.isfinite(g)
-    for label, t in (("first", a64), ("second", b64)):
-        if not torch.equal(t[~fin], g[~fin]):
-            _fail(f"{name}: the {label} result does not hold golden's non-finite values ({g[~fin][:4].tolist()})")
-    if not fin.any():
-        return
-    budget, ref_err, gmax = budget_of(golden, reference, out_dtype)
-    err = (a64 - b64).abs()
-    err = torch.where(fin, torch.where(torch.isnan(err), torch.full_like(err, float("inf")), err), torch.zeros_like(err))
-    worst = err.max().item()
-    if not worst <= 2 * budget:
-        i = int(err.flatten().argmax())
-        _fail(f"{name}: the two differ by {worst:.4g} at flat index {i} ({a64.flatten()[i].item():.6g} vs "
-              f"{b64.flatten()[i].item():.6g}), more than twice the budget {budget:.4g} (= 2 * (reference "
-              f"error {ref_err:.3g} + eps {eps_of(out_dtype):.3g} * max|golden| {gmax:.4g}))")
 
 
 @prop(inp.cases(splits="many", min_batch=1), examples=0.6)
