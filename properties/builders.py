@@ -35,11 +35,19 @@ def rope_table(max_pos: int, rotary_dim: int, base: float, dtype_name: str, devi
     return angles.cos().to(dtype(dtype_name)).to(device), angles.sin().to(dtype(dtype_name)).to(device)
 
 
+def _extremes(dtype_name: str):
+    """The most negative and most positive index the index dtype holds (+-2^40 for int64): a wild
+    value must stay wild after the conversion (2^40 in int32 would wrap to the valid index 0)."""
+    if dtype_name == "int32":
+        return -(2**31), 2**31 - 1
+    return -(2**40), 2**40
+
+
 def positions(T: int, max_pos: int, p_outside: float, gen, device, *, dtype_name="int64"):
     """Positions in [0, max_pos), a fraction p_outside of them outside it (max_pos, beyond, negative)."""
     pos = torch.randint(0, max(max_pos, 1), (T,), generator=gen)
     outside = torch.rand(T, generator=gen) < p_outside
-    wild = torch.tensor([max_pos, max_pos + 1, max_pos + 1000, -1, -(2**40)])
+    wild = torch.tensor([max_pos, max_pos + 1, max_pos + 1000, -1, _extremes(dtype_name)[0]])
     pick = wild[torch.randint(0, wild.numel(), (T,), generator=gen)]
     return torch.where(outside, pick, pos).to(dtype(dtype_name)).to(device)
 
@@ -58,8 +66,9 @@ def slot_mapping(T: int, capacity: int, plan: dict, gen, device, *, dtype_name="
         src = torch.randint(0, T, (T,), generator=gen)
         slots = torch.where(dup, slots[src], slots)
     invalid = (torch.rand(T, generator=gen) < plan["p_invalid"]) | torch.tensor(capacity == 0)
+    low, high = _extremes(dtype_name)
     kinds = {"minus1": [-1], "capacity": [capacity, capacity + 1],
-             "mixed": [-1, -2, -(2**40), capacity, capacity + 7, 2**40]}[plan["invalid_kinds"]]
+             "mixed": [-1, -2, low, capacity, capacity + 7, high]}[plan["invalid_kinds"]]
     wild = torch.tensor(kinds)[torch.randint(0, len(kinds), (T,), generator=gen)]
     slots = torch.where(invalid, wild, slots)
     return slots.to(dtype(dtype_name)).to(device)

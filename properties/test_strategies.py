@@ -34,7 +34,7 @@ def saturates(c):
 QKV_EDGES = {
     "slot -1": lambda c: bool((slots(c) == -1).any()),
     "slot == capacity": lambda c: bool((slots(c) == capacity(c)).any()),
-    "slot large negative": lambda c: bool((slots(c) < -(2**31)).any()),
+    "slot large negative": lambda c: bool((slots(c) <= -(2**31)).any()),
     "duplicate valid slots": lambda c: (lambda s: s[(s >= 0) & (s < capacity(c))].unique().numel()
                                         < int(((s >= 0) & (s < capacity(c))).sum()))(slots(c)),
     "T == 0": lambda c: c.T == 0,
