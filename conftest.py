@@ -86,3 +86,20 @@ def pytest_runtest_makereport(item, call):
         if harness.last_repro is None and seed is not None:
             line += f" --hypothesis-seed={seed}"
         report.sections.append(("reproduce", line))
+
+
+def pytest_runtest_logreport(report):
+    """KERNELFUZZ_LOG=path: append every test's outcome and duration as it finishes, and a
+    failure's full report, so a run cut short by a time limit still says what failed and why."""
+    import os
+    path = os.environ.get("KERNELFUZZ_LOG")
+    if not path or os.environ.get("PYTEST_XDIST_WORKER") or (report.when != "call" and not report.failed):
+        return  # xdist workers' reports reach the controller, which writes them
+    with open(path, "a") as f:
+        f.write(f"{report.outcome.upper():7} {report.duration:7.1f}s {report.nodeid} ({report.when})\n")
+        if report.failed:
+            f.write(report.longreprtext[-4000:] + "\n")
+            for name, text in report.sections:
+                if name == "reproduce":
+                    f.write(f"reproduce: {text}\n")
+            f.write("-" * 80 + "\n")
