@@ -89,22 +89,22 @@ def main():
     ap.add_argument("--sweep", action="store_true", help="time stage-1 configs and split counts")
     args = ap.parse_args()
     if args.sweep:
+        # stage-1 configs: (BH, BN, num_warps, num_stages); Triton 3.6 gives this loop only
+        # num_stages - 3 cache buffers at BH = 16 (mma.sync), so deep pipelines are swept
+        grid = [(16, (16, 32), 4, (2, 4, 5, 6)), (16, (64,), 8, (3, 4)),
+                (64, (16, 32), 8, (2, 3, 4)), (32, (32,), 4, (2, 4, 5))]
         rows = []
-        cfgs = {"w4n32": dict(BH=16, BN=32, num_warps=4, num_stages=2),
-                "w8n64": dict(BH=16, BN=64, num_warps=8, num_stages=2),
-                "w4n16": dict(BH=16, BN=16, num_warps=4, num_stages=2),
-                "w4n64": dict(BH=16, BN=64, num_warps=4, num_stages=2),
-                "h64w8n16": dict(BH=64, BN=16, num_warps=8, num_stages=2),
-                "h64w8n32": dict(BH=64, BN=32, num_warps=8, num_stages=2),
-                "h32w4n32": dict(BH=32, BN=32, num_warps=4, num_stages=2)}
-        sweeps = [(16, "w4n32", (4, 8)), (16, "w8n64", (2, 4, 8)), (16, "w4n16", (4, 8)), (16, "w4n64", (4, 8)),
-                  (128, "h64w8n16", (1, 2)), (128, "h64w8n32", (1, 2)), (128, "h32w4n32", (1, 2))]
-        for H, name, splits_list in sweeps:
-            for splits in splits_list:
-                try:
-                    rows.append(run_case(H, torch.bfloat16, 64, config=cfgs[name], splits=splits, baseline=False)[0])
-                except Exception as e:  # a config that does not compile or fit is reported, not fatal
-                    print(f"config {name} splits {splits}: {type(e).__name__}: {str(e)[:200]}")
+        for BH, bns, warps, stages_list in grid:
+            H = 16 if BH == 16 else 128
+            for BN in bns:
+                for stages in stages_list:
+                    cfg = dict(BH=BH, BN=BN, num_warps=warps, num_stages=stages)
+                    for splits in ((None, 8) if BH == 16 else (None,)):
+                        for cache in ((torch.bfloat16, torch.float8_e4m3fn) if BH == 16 else (torch.bfloat16,)):
+                            try:
+                                rows.append(run_case(H, cache, 64, config=cfg, splits=splits, baseline=False)[0])
+                            except Exception as e:  # a config that does not compile or fit is reported
+                                print(f"config {cfg} splits {splits}: {type(e).__name__}: {str(e)[:200]}")
         record(rows)
         return
     rows = []

@@ -20,10 +20,16 @@ Head tiles (`_config`, a pure function of the run head count and L): BH = 16 row
 heads (4 warps), 32 for 17..32 heads (4 warps), 64 beyond (8 warps, BN 32); BH 16 when L > 512.
 A 16-head tile would make H = 128 read the cache 8 times; with BH = 64 it is read twice, and the
 head tile is the fastest grid axis, so the programs that read the same (sequence, split) slice of
-the cache run together and the second read mostly hits L2. Measured on an H200 (B = 64, kv_len
-4096, bf16, page 64): H = 128 takes 0.72 ms with BH 64 against 1.33 ms with BH 16 (not
-profiled; the fp8 cache, half the bytes, takes as long as bf16, so the per-token work of the
-tile, not the cache reads, is the limit at every H measured: H = 16 runs at 0.21 ms, 1.45 TB/s).
+the cache run together and the second read mostly hits L2. Measured on an H100 (B = 64, kv_len
+4096, bf16, page 64): H = 128 takes 0.47 ms with BH 64, 0.56 ms with BH 32; H = 16 takes 0.133 ms
+(2.27 TB/s of cache read). At BH = 16 (mma.sync) Triton 3.6 gives this loop num_stages - 3 cache
+buffers (checked in the TTGIR), hence 5 stages: 2 buffers in flight.
+
+Page and slot of a token: with a power-of-two page_size (PAGE_POW2) a shift and a mask, otherwise
+a 32-bit division; token positions are int32. (64-bit divisions per token once made the kernel
+compute-bound: an fp8 cache, half the bytes, took as long as bf16, 0.21 ms at H = 16.) The rope
+columns are masked in runs of 8 when P % 8 == 0 (P_ALIGN8), so their loads stay 16 bytes wide and
+are pipelined with the latent ones.
 
 Head padding (`head_padding`): "pad" (default for H dividing 16) is repeat_interleave(16 // H)
 done virtually: padded row i of the 16-row tile reads q head i // (16 // H), so no padded copy of
@@ -85,30 +91,33 @@ def _dot(a, b, UPCAST: tl.constexpr):
         return tl.dot(a, b)
 
 
-@triton.jit(do_not_specialize=["H_run", "REP", "P", "page_size", "num_splits"])
+@triton.jit(do_not_specialize=["H_run", "REP", "P", "page_size", "page_shift", "num_splits"])
 def _mla_decode_stage1_kernel(
     # pointers
     q, kv, kv_indptr, kv_indices, kv_lens, kv_scale, mid_o, mid_lse,
     # scalars
     sm_scale,
     # sizes: H_run rows (16 when padding), row i reads q head i // REP; L latent, P rope dims
-    H_run, REP, L, P, page_size, num_splits,
+    H_run, REP, L, P, page_size, page_shift, num_splits,
     # strides
     s_q_b, s_q_h, s_q_d, s_kv_p, s_kv_s, s_kv_d, s_ptr, s_ind, s_len,
     s_mo_b, s_mo_h, s_mo_s, s_mo_d, s_ml_b, s_ml_h, s_ml_s,
     # constexprs
     BH: tl.constexpr, BL: tl.constexpr, BP: tl.constexpr, BN: tl.constexpr,
-    HAS_PE: tl.constexpr, HAS_KV_SCALE: tl.constexpr, UPCAST: tl.constexpr,
+    HAS_PE: tl.constexpr, HAS_KV_SCALE: tl.constexpr, UPCAST: tl.constexpr, P_ALIGN8: tl.constexpr,
+    PAGE_POW2: tl.constexpr,
 ):
     i_h, i_s, i_b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     i_b = i_b.to(tl.int64)
     i_s64 = i_s.to(tl.int64)
 
-    b_len = tl.load(kv_lens + i_b * s_len).to(tl.int64)
+    # token positions within a sequence are int32 (kv_lens < 2^31): the per-token page and slot
+    # divisions stay 32-bit (64-bit integer division is a long software routine on the GPU)
+    b_len = tl.load(kv_lens + i_b * s_len).to(tl.int32)
     b_page0 = tl.load(kv_indptr + i_b * s_ptr).to(tl.int64)
     # split s covers [s * c, min((s + 1) * c, kv_len)), c = cdiv(kv_len, splits) rounded up to BN
     b_chunk = tl.cdiv(tl.cdiv(b_len, num_splits), BN) * BN
-    b_start = i_s64 * b_chunk
+    b_start = i_s * b_chunk
     b_end = tl.minimum(b_start + b_chunk, b_len)
 
     # [BH] padded row index, valid rows, and the q head each row reads
@@ -126,7 +135,12 @@ def _mla_decode_stage1_kernel(
     if HAS_PE:
         # [BP]
         o_p = tl.arange(0, BP)
-        m_p = o_p < P
+        # P % 8 == 0 (every production model): a mask constant over 8 columns keeps the rope
+        # loads 16 bytes wide, so they can be pipelined like the latent ones
+        if P_ALIGN8:
+            m_p = (o_p // 8) < (P // 8)
+        else:
+            m_p = o_p < P
         # [BH, BP]
         p_qpe = q + i_b * s_q_b + o_qh[:, None] * s_q_h + (L + o_p[None, :]).to(tl.int64) * s_q_d
         b_qpe = tl.load(p_qpe, mask=m_h[:, None] & m_p[None, :], other=0.0)
@@ -148,8 +162,15 @@ def _mla_decode_stage1_kernel(
         o_n = n0 + tl.arange(0, BN)
         m_n = o_n < b_end
         o_n = tl.where(m_n, o_n, 0)
-        b_page = tl.load(kv_indices + (b_page0 + o_n // page_size) * s_ind, mask=m_n, other=0).to(tl.int64)
-        p_row = kv + b_page * s_kv_p + (o_n % page_size) * s_kv_s
+        if PAGE_POW2:
+            # page_size == 2^page_shift (every production layout): shift and mask, no division
+            o_pg = o_n >> page_shift
+            o_sl = o_n & (page_size - 1)
+        else:
+            o_pg = o_n // page_size
+            o_sl = o_n - o_pg * page_size
+        b_page = tl.load(kv_indices + (b_page0 + o_pg) * s_ind, mask=m_n, other=0).to(tl.int64)
+        p_row = kv + b_page * s_kv_p + o_sl.to(tl.int64) * s_kv_s
         # [BN, BL]
         b_kv = tl.load(p_row[:, None] + o_l[None, :].to(tl.int64) * s_kv_d,
                        mask=m_n[:, None] & m_l[None, :], other=0.0)
@@ -238,18 +259,19 @@ def _mla_decode_stage2_kernel(
 def _config(H_run: int, L: int) -> dict:
     """Stage-1 launch config, a pure function of the run head count and L (see module docstring).
 
-    Measured on an H200 (B = 64, kv_len 4096, L 512, P 64, bf16, page 64; bench --sweep):
-    H = 16: BN 32 / 4 warps 0.207 ms, BN 64 / 8 warps 0.23, BN 16 0.26. H = 128: BH 64 / BN 32 /
-    8 warps 0.72 ms, BH 32 / 4 warps 0.80, BH 32 / 8 warps 1.25, BH 16 1.33, BH 64 / BN 16 0.99.
+    Measured on an H100 (B = 64, kv_len 4096, L 512, P 64, bf16, page 64; bench --sweep, auto
+    splits): H = 16: BN 32 / 4 warps / 5 stages 0.133 ms, 2 stages 0.137, 6 stages 0.150; BN 16 /
+    5 stages 0.155; BN 64 / 8 warps 0.153. H = 128: BH 64 / BN 32 / 8 warps / 3 stages 0.470 ms,
+    2 stages 0.478; BH 64 / BN 16 0.73; BH 32 / BN 32 / 4 warps 0.56-0.58.
     """
     BL = max(16, triton.next_power_of_2(L))
     if BL >= 1024:
         return dict(BH=16, BN=16, num_warps=8, num_stages=2)
     if H_run > 32:
-        return dict(BH=64, BN=32, num_warps=8, num_stages=2)
+        return dict(BH=64, BN=32, num_warps=8, num_stages=3)
     if H_run > 16:
         return dict(BH=32, BN=32, num_warps=4, num_stages=2)
-    return dict(BH=16, BN=32, num_warps=4, num_stages=2)
+    return dict(BH=16, BN=32, num_warps=4, num_stages=5)
 
 
 @functools.lru_cache(maxsize=None)
@@ -338,14 +360,15 @@ def _launch(q, kv_cache, kv_indptr, kv_indices, kv_lens, kv_lora_rank, sm_scale,
     _mla_decode_stage1_kernel[(n_tiles, S, B)](
         q, kv_cache, kv_indptr, kv_indices, kv_lens, kv_scale_arg, mid_o, mid_lse,
         sm_scale,
-        H_run, REP, L, P, page_size, S,
+        H_run, REP, L, P, page_size, page_size.bit_length() - 1, S,
         q.stride(0), q.stride(1), q.stride(2),
         kv_cache.stride(0), kv_cache.stride(1), kv_cache.stride(2),
         kv_indptr.stride(0), kv_indices.stride(0), kv_lens.stride(0),
         mid_o.stride(0), mid_o.stride(1), mid_o.stride(2), mid_o.stride(3),
         mid_lse.stride(0), mid_lse.stride(1), mid_lse.stride(2),
         BH=BH, BL=BL, BP=BP, BN=BN, HAS_PE=P > 0, HAS_KV_SCALE=kv_scale is not None,
-        UPCAST=interpreting(), num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+        UPCAST=interpreting(), P_ALIGN8=P % 8 == 0,
+        PAGE_POW2=page_size & (page_size - 1) == 0, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )
     _mla_decode_stage2_kernel[(H_out, B)](
         mid_o, mid_lse, o, lse,

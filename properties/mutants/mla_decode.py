@@ -55,14 +55,14 @@ merge_wrong_max = _entry(
 # kv_lens rounded up to whole pages: the tokens past kv_len in the last page are attended
 unmasked_page_tail = _entry(
     "unmasked_page_tail",
-    ("b_len = tl.load(kv_lens + i_b * s_len).to(tl.int64)",
-     "b_len = tl.cdiv(tl.load(kv_lens + i_b * s_len).to(tl.int64), page_size) * page_size"))
+    ("b_len = tl.load(kv_lens + i_b * s_len).to(tl.int32)",
+     "b_len = tl.cdiv(tl.load(kv_lens + i_b * s_len).to(tl.int32), page_size) * page_size"))
 
 # the page id is the entry's position in kv_indices (an identity page table), not its value
 page_by_position = _entry(
     "page_by_position",
-    ("b_page = tl.load(kv_indices + (b_page0 + o_n // page_size) * s_ind, mask=m_n, other=0).to(tl.int64)",
-     "b_page = (b_page0 + o_n // page_size) + 0 * tl.load(kv_indices + (b_page0 + o_n // page_size) * s_ind, "
+    ("b_page = tl.load(kv_indices + (b_page0 + o_pg) * s_ind, mask=m_n, other=0).to(tl.int64)",
+     "b_page = (b_page0 + o_pg) + 0 * tl.load(kv_indices + (b_page0 + o_pg) * s_ind, "
      "mask=m_n, other=0).to(tl.int64)"))
 
 # sm_scale defaults to 1 / sqrt(L) (the rope dims forgotten)
