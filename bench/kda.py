@@ -99,6 +99,9 @@ def main():
     ap.add_argument("--sweep", action="store_true", help="also time alternative chunk_kda configs")
     ap.add_argument("--recurrent", action="store_true", help="also time fused_recurrent_kda")
     ap.add_argument("--no-fla", action="store_true")
+    ap.add_argument("--hv", type=int, nargs="+", default=[16, 32], help="value head counts")
+    ap.add_argument("--varlen", choices=("both", "no", "yes"), default="both",
+                    help="one sequence, 8 packed sequences, or both")
     args = ap.parse_args()
     from kernels.kda import chunk_kda, fused_recurrent_kda
 
@@ -107,8 +110,8 @@ def main():
     # 2 * eps(bf16) relative to max|o|: the error budget's eps term (bf16 output, bf16 intermediates)
     tol = 2 * torch.finfo(torch.bfloat16).eps
     rows = []
-    for HV in (16, 32):
-        for varlen in (False, True):
+    for HV in args.hv:
+        for varlen in {"both": (False, True), "no": (False,), "yes": (True,)}[args.varlen]:
             q, k, v, g, beta = _inputs(T, H, HV, K, V, dtype)
             cu = torch.linspace(0, T, 9, device="cuda").round().to(torch.int32) if varlen else None
             scale = K ** -0.5
@@ -124,7 +127,7 @@ def main():
             ms_eager = bench_ms(lambda: torch_chunk_kda(q, k, v, g, beta, scale, cu), warmup_ms=1, rep_ms=1)
             configs = [None]
             if args.sweep:
-                configs += [dict(BV=32, stages_fwd=2), dict(BV=64, warps_fwd=4), dict(warps_wu=8)]
+                configs += [dict(warps_fwd=4), dict(warps_wu=8), dict(warps_intra=8)]
             fla_ms = None
             if fla is not None:
                 fkw = dict(scale=scale, output_final_state=True, use_qk_l2norm_in_kernel=True,

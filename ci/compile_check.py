@@ -110,6 +110,7 @@ def gather_cases(gather_kv_b_proj):
     yield "DeepSeek dims, fp8 cache x bf16 weight, block scales", lambda: case(cache=fp8, w_scale="block", kv_scale=True)
     yield "bf16 DeepSeek-V3 (L=512 P=64 qk=v=128 H=2)", lambda: case()
     yield "fp8 cache x fp8 weight, block scales", lambda: case(cache=fp8, weight=fp8, w_scale="block", kv_scale=True)
+    yield "fp8 cache x fp8 weight, fp32 out (bf16 dots)", lambda: case(cache=fp8, weight=fp8, out=torch.float32)
     yield "qk=192 v=256, fp8 weight, per-row scale", lambda: case(qk=192, v=256, weight=fp8, w_scale="row")
     yield "P=0, fp16 cache and weight, fp16 out", lambda: case(P=0, cache=torch.float16, weight=torch.float16,
                                                                 out=torch.float16)
@@ -136,6 +137,9 @@ def kda_cases(kda):
     yield "varlen, l2norm, fp16", lambda: case(lens=[3, 64, 70], l2norm=True, dtype=torch.float16)
     yield "K=100 V=200 fp32", lambda: case(K=100, V=200, dtype=torch.float32, h0=False)
     yield "K=V=256 bf16", lambda: case(K=256, V=256, H=2, HV=2)
+    yield "K=230 V=64 fp16 (float32 output path)", lambda: case(K=230, V=64, H=2, HV=2, dtype=torch.float16)
+    yield "K=255 V=255 fp32", lambda: case(K=255, V=255, H=1, HV=1, dtype=torch.float32)
+    yield "K=8 V=4 (dots padded to 16)", lambda: case(K=8, V=4)
 
 
 # op -> (production "module:function" or a list of them, cases(fn) yielding (name, thunk))
@@ -192,10 +196,22 @@ def same_arithmetic_checks():
     yield "qkv_norm_rope_cache: interleaved and blocked gates compile to the same arithmetic", ptx[0] == ptx[1]
 
 
+def vector_store_checks():
+    """Full output tiles of gather_kv_b_proj must store 16 bytes at a time: a row mask Triton
+    cannot see as constant along the columns once made every store 2 bytes wide (K and V are
+    most of the op's memory traffic)."""
+    compiled.clear()
+    # P = 0: no rope stores, so every 16-byte store is a K or V output store
+    name, thunk = [c for c in gather_cases(_load(CASES["gather_kv_b_proj"][0])) if c[0].startswith("P=0")][0]
+    thunk()
+    ptx = compiled[0][3]
+    yield f"gather_kv_b_proj: {name}: 16-byte output stores (st.global.v4)", "st.global.v4.b32" in ptx
+
+
 def main(argv) -> int:
     jit.JITFunction.run = _compile_only
     failed = 0
-    for label, ok in same_arithmetic_checks():
+    for label, ok in list(same_arithmetic_checks()) + list(vector_store_checks()):
         print(f"{'ok   ' if ok else 'FAIL '} {label}")
         failed += not ok
     for label, thunk in variants("--mutants" in argv):

@@ -336,16 +336,20 @@ def _kda_chunk_fwd_kernel(
 
 def _launch_config(K: int, V: int) -> dict:
     """One config from the head dims. BV tiles the state kernel; BK_I / BK_W / BV_W block the
-    intra-chunk kernels' head-dim loops."""
-    BK = pow2(K)
-    # stages_fwd: the state kernel's per-chunk loads (w, k e^(G_L - G) in float32, ~100 KB at
-    # K = V = 128) leave no room for a pipelined copy at BV = 64. BV < 64 with num_stages = 1 and
-    # bf16 output dots hit an illegal address on the H200 (Triton 3.6; not understood yet), so a
-    # narrow tile always runs with 2 stages. At K = 256, BV = 32 needs 254 KB of shared memory
-    # (over the 227 KB sm_90 limit, ci/compile_check.py); BV = 16 needs 217 KB.
-    BV = min(pow2(V), 64 if BK <= 128 else 16)
-    return dict(BV=BV, warps_fwd=4 if BK <= 64 else 8, stages_fwd=1 if BV >= 64 else 2,
-                BK_I=min(BK, 64), warps_intra=4, BK_W=min(BK, 64), BV_W=min(pow2(V), 64), warps_wu=4)
+    intra-chunk kernels' head-dim loops. Every dot dimension is at least 16 (the GPU's minimum)."""
+    BK = dot_dim(K)
+    # The state kernel runs BV = 64, unpipelined, whatever V is: on the GPU (H100 and H200, Triton
+    # 3.6) every narrower V tile tried (16, 32; 1 or 2 stages) gave an illegal address or wrong
+    # output on some shapes (K = 33 / V = 20 varlen, K = 64, K = 149, K = 255), while BV = 64 with
+    # 1 stage passed all of them; the cause is not understood. One stage also keeps K = 256 with
+    # the float32 output path (fp16/fp32 inputs) inside shared memory.
+    return dict(BV=64, warps_fwd=4 if BK <= 64 else 8, stages_fwd=1,
+                BK_I=min(BK, 64), warps_intra=4, BK_W=min(BK, 64), BV_W=max(16, min(pow2(V), 64)), warps_wu=4)
+
+
+def dot_dim(n: int) -> int:
+    """Block size of a dot dimension holding n: a power of two, at least 16."""
+    return max(16, pow2(n))
 
 
 def chunk_kda(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor, beta: torch.Tensor,
@@ -453,7 +457,7 @@ def chunk_kda(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor
         w, u, qg, kg, gl, Aqk, o, h0, ht if ht is not None else dummy, cs,
         chunk_offsets if is_varlen else dummy,
         T, HV, K, V, NT, *h0_strides,
-        BT=BT, BK=pow2(K), BV=BV, USE_INITIAL_STATE=initial_state is not None,
+        BT=BT, BK=dot_dim(K), BV=BV, USE_INITIAL_STATE=initial_state is not None,
         STORE_FINAL_STATE=output_final_state, IS_VARLEN=is_varlen,
         UPCAST=exact and o_path != f32, DOT_PREC=dot_prec, EXACT_ROUNDING=exact,
         num_warps=cfg["warps_fwd"], num_stages=cfg["stages_fwd"],
