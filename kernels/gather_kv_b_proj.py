@@ -21,7 +21,10 @@ Design
   read, and a cache that ends right after the last referenced block is safe. block_size is a
   run-time value (any >= 1).
 - Each K step loads a [BT, BK] gathered latent tile and a [BK, BN] weight tile and multiplies on
-  tensor cores with float32 accumulation. Operand dtype: fp8 x fp8 runs on fp8 tensor cores; an
+  tensor cores with float32 accumulation. Operand dtype: fp8 x fp8 runs on fp8 tensor cores when
+  the output is bfloat16, and as bf16 x bf16 (exact conversion) otherwise: Hopper's fp8 MMA keeps
+  only about 14 bits of its accumulator (measured on an H100: a relative error of 5.5e-5 on one
+  16-term product), far inside bf16's rounding but outside float32's or float16's budget. An
   fp8 operand beside a bf16/fp16 one is converted to that 16-bit type (exact); bf16 beside fp16 runs
   as tf32 (exact for both). A bf16/fp16 weight is never rounded to fp8. kv_scale and a per-row
   w_scale multiply the float32 accumulator at the end; a 128x128 block w_scale multiplies each K
@@ -59,6 +62,15 @@ _TL = {torch.bfloat16: tl.bfloat16, torch.float16: tl.float16, torch.float32: tl
 W_SCALE_NONE, W_SCALE_ROW, W_SCALE_BLOCK = 0, 1, 2
 
 
+@triton.jit
+def _rope_out(b_pe, kv_scale, out_ty: tl.constexpr, HAS_KV_SCALE: tl.constexpr, EXACT_ROUNDING: tl.constexpr):
+    # [BT, BP] cache rope part -> kv_scale * pe in float32, rounded once to the output type
+    b_pe = b_pe.to(tl.float32)
+    if HAS_KV_SCALE:
+        b_pe = b_pe * tl.load(kv_scale)
+    return cast_to(b_pe, out_ty, EXACT_ROUNDING)
+
+
 # L is left specialised: it is always a multiple of 16, so it compiles once and its divisibility
 # lets the K mask stay constant over 16 columns (vectorised loads).
 # QK is specialised too (divisible by 16 or not: two variants) so the rope stores stay aligned.
@@ -81,8 +93,8 @@ def _gather_kv_b_proj_kernel(
     DOT_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr, EXACT_ROUNDING: tl.constexpr,
 ):
     # program -> (token tile, group of output tiles i_g, i_g + N_GROUPS, ...)
-    i_p = tl.program_id(0).to(tl.int64)
-    i_t = i_p // N_GROUPS
+    i_p = tl.program_id(0)
+    i_t = (i_p // N_GROUPS).to(tl.int64)
     i_g = i_p % N_GROUPS
 
     # ---- rows: token -> sequence (binary search) -> block, slot
@@ -108,8 +120,20 @@ def _gather_kv_b_proj_kernel(
     # [BT] offset of each row's latent vector in the cache
     o_row = b_blk * s_cb + (o_j % block_size) * s_cs
 
-    # the row mapping above is paid once per token tile and shared by all its output tiles
-    for i_n in range(i_g, N_OUT_TILES, N_GROUPS):
+    # The row mapping above is paid once per token tile and shared by all its output tiles. One
+    # flat loop over (output tile, K step) keeps the copy pipeline full across output tiles (a
+    # nested loop drains and refills it at every tile): step `it` is K step it % n_k of output
+    # tile i_g + (it // n_k) * N_GROUPS. Tile scalars are int32 (N_OUT_TILES is small).
+    n_k = tl.cdiv(L, BK)
+    n_mine = tl.cdiv(N_OUT_TILES - i_g, N_GROUPS)
+    # [BK], [BN]; int32 lane offsets added to int64 scalars/rows keep their contiguity
+    o_k = tl.arange(0, BK)
+    o_n = tl.arange(0, BN)
+    # [BT, BN] = [BT, L] x [L, BN]
+    acc = tl.zeros([BT, BN], dtype=tl.float32)
+    for it in range(0, n_mine * n_k):
+        i_n = i_g + (it // n_k) * N_GROUPS
+        k0 = (it % n_k) * BK
         # output tile -> (head, K-nope or V segment, first column of the segment)
         i_h = i_n // (NT_K + NT_V)
         i_r = i_n % (NT_K + NT_V)
@@ -117,87 +141,77 @@ def _gather_kv_b_proj_kernel(
         d0 = tl.where(is_k, i_r, i_r - NT_K) * BN
         seg = tl.where(is_k, QK, VD)
         w_row0 = i_h * (QK + VD) + tl.where(is_k, 0, QK) + d0
-
-        # ---- columns: weight rows of this tile
-        # [BN]
-        # int32 lane offsets added to int64 scalars/rows keep their contiguity (vectorised stores)
-        o_n = tl.arange(0, BN)
+        # [BN] weight rows of this tile
         m_n = o_n < seg - d0
         o_wrow = tl.where(m_n, w_row0 + o_n, w_row0)
-
-        # ---- [BT, BN] = [BT, L] x [L, BN]
-        acc = tl.zeros([BT, BN], dtype=tl.float32)
-        o_k = tl.arange(0, BK)
-        # [BT, BK] gathered latent rows, [BK, BN] weight rows (transposed view); advanced by BK
-        p_a = cache + o_row[:, None] + o_k[None, :] * s_cd
-        p_w = w + o_wrow[None, :] * s_wn + o_k[:, None] * s_wl
-        for k0 in range(0, L, BK):
-            # [BK]
-            m_k = (k0 + o_k) < L
-            # [BT, BK]
-            b_a = tl.load(p_a, mask=m_row[:, None] & m_k[None, :], other=0.0)
-            # [BK, BN]
-            b_w = tl.load(p_w, mask=m_k[:, None] & m_n[None, :], other=0.0)
-            p_a += BK * s_cd
-            p_w += BK * s_wl
-            if EXACT_ROUNDING:
-                # interpreter: numpy's sgemm (its tl.dot) rounds a row differently depending on its
-                # position in the tile; products summed over k in order are the same for every row
-                # [BT, BN]
-                b_p = tl.sum(b_a.to(tl.float32)[:, :, None] * b_w.to(tl.float32)[None, :, :], axis=1)
-            if W_SCALE_MODE == 2:
-                # [BN] block scale of absolute row r // 128, column block k0 // 128 (BK divides 128)
-                b_s = tl.load(w_scale + (o_wrow // 128) * s_sn + (k0 // 128) * s_sl, mask=m_n, other=0.0)
-                if not EXACT_ROUNDING:
-                    b_p = tl.dot(b_a.to(DOT_DTYPE), b_w.to(DOT_DTYPE), input_precision=INPUT_PRECISION)
-                acc += b_p * b_s[None, :]
-            elif EXACT_ROUNDING:
-                acc += b_p
-            else:
-                acc = tl.dot(b_a.to(DOT_DTYPE), b_w.to(DOT_DTYPE), acc, input_precision=INPUT_PRECISION)
-        if W_SCALE_MODE == 1:
-            # [BN]
-            b_s = tl.load(w_scale + o_wrow * s_sn, mask=m_n, other=0.0)
-            acc = acc * b_s[None, :]
-        if HAS_KV_SCALE:
-            acc = acc * tl.load(kv_scale)
-
-        # a full column tile stores with a row mask only (constant along columns: vectorised stores)
-        m_o = m_row[:, None] & m_n[None, :]
-        if is_k:
-            b_o = cast_to(acc, k_out.dtype.element_ty, EXACT_ROUNDING)
-            p_o = (k_out + i_h * s_kh + d0 * s_kd) + o_t[:, None] * s_kt + o_n[None, :] * s_kd
-            if d0 + BN <= seg:
-                tl.store(p_o, b_o, mask=m_row[:, None])
-            else:
-                tl.store(p_o, b_o, mask=m_o)
+        # [BK]
+        m_k = (k0 + o_k) < L
+        # [BT, BK] gathered latent rows, [BK, BN] weight rows (transposed view)
+        p_a = cache + o_row[:, None] + (k0 + o_k)[None, :] * s_cd
+        p_w = w + o_wrow[None, :].to(tl.int64) * s_wn + (k0 + o_k)[:, None] * s_wl
+        b_a = tl.load(p_a, mask=m_row[:, None] & m_k[None, :], other=0.0)
+        b_w = tl.load(p_w, mask=m_k[:, None] & m_n[None, :], other=0.0)
+        if EXACT_ROUNDING:
+            # interpreter: numpy's sgemm (its tl.dot) rounds a row differently depending on its
+            # position in the tile; products summed over k in order are the same for every row
+            # [BT, BN]
+            b_p = tl.sum(b_a.to(tl.float32)[:, :, None] * b_w.to(tl.float32)[None, :, :], axis=1)
+        if W_SCALE_MODE == 2:
+            # [BN] block scale of absolute row r // 128, column block k0 // 128 (BK divides 128)
+            b_s = tl.load(w_scale + (o_wrow // 128) * s_sn + (k0 // 128) * s_sl, mask=m_n, other=0.0)
+            if not EXACT_ROUNDING:
+                b_p = tl.dot(b_a.to(DOT_DTYPE), b_w.to(DOT_DTYPE), input_precision=INPUT_PRECISION)
+            acc += b_p * b_s[None, :]
+        elif EXACT_ROUNDING:
+            acc += b_p
         else:
-            b_o = cast_to(acc, v_out.dtype.element_ty, EXACT_ROUNDING)
-            p_o = (v_out + i_h * s_vh + d0 * s_vd) + o_t[:, None] * s_vt + o_n[None, :] * s_vd
-            if d0 + BN <= seg:
-                tl.store(p_o, b_o, mask=m_row[:, None])
-            else:
-                tl.store(p_o, b_o, mask=m_o)
+            acc = tl.dot(b_a.to(DOT_DTYPE), b_w.to(DOT_DTYPE), acc, input_precision=INPUT_PRECISION)
 
-        if HAS_PE:
+        if k0 + BK >= L:
+            # ---- the tile's last K step: scales, store, reset
+            if W_SCALE_MODE == 1:
+                # [BN]
+                b_s = tl.load(w_scale + o_wrow * s_sn, mask=m_n, other=0.0)
+                acc = acc * b_s[None, :]
+            if HAS_KV_SCALE:
+                acc = acc * tl.load(kv_scale)
+            # a full column tile stores with a row mask only (constant along columns: 16-byte
+            # stores; ci/compile_check.py checks the vector width)
+            if is_k:
+                b_o = cast_to(acc, k_out.dtype.element_ty, EXACT_ROUNDING)
+                p_o = (k_out + i_h * s_kh + d0 * s_kd) + o_t[:, None] * s_kt + o_n[None, :] * s_kd
+                if d0 + BN <= seg:
+                    tl.store(p_o, b_o, mask=m_row[:, None])
+                else:
+                    tl.store(p_o, b_o, mask=m_row[:, None] & m_n[None, :])
+            else:
+                b_o = cast_to(acc, v_out.dtype.element_ty, EXACT_ROUNDING)
+                p_o = (v_out + i_h * s_vh + d0 * s_vd) + o_t[:, None] * s_vt + o_n[None, :] * s_vd
+                if d0 + BN <= seg:
+                    tl.store(p_o, b_o, mask=m_row[:, None])
+                else:
+                    tl.store(p_o, b_o, mask=m_row[:, None] & m_n[None, :])
+            acc = tl.zeros([BT, BN], dtype=tl.float32)
+
+    if HAS_PE:
+        # the rope part, written by the program that owns the first K tile of each head
+        for i_n in range(i_g, N_OUT_TILES, N_GROUPS):
+            i_h = i_n // (NT_K + NT_V)
+            i_r = i_n % (NT_K + NT_V)
             if i_r == 0:
                 # [BP]
                 o_p = tl.arange(0, BP)
-                m_p = o_p < P
-                m_pe = m_row[:, None] & m_p[None, :]
                 # [BT, BP]
                 p_c = (cache + L * s_cd) + o_row[:, None] + o_p[None, :] * s_cd
-                if P == BP:
-                    b_pe = tl.load(p_c, mask=m_row[:, None], other=0.0).to(tl.float32)
-                else:
-                    b_pe = tl.load(p_c, mask=m_pe, other=0.0).to(tl.float32)
-                if HAS_KV_SCALE:
-                    b_pe = b_pe * tl.load(kv_scale)
-                b_pe = cast_to(b_pe, k_out.dtype.element_ty, EXACT_ROUNDING)
                 p_pe = (k_out + i_h * s_kh + QK * s_kd) + o_t[:, None] * s_kt + o_p[None, :] * s_kd
                 if P == BP:
+                    b_pe = tl.load(p_c, mask=m_row[:, None], other=0.0)
+                    b_pe = _rope_out(b_pe, kv_scale, k_out.dtype.element_ty, HAS_KV_SCALE, EXACT_ROUNDING)
                     tl.store(p_pe, b_pe, mask=m_row[:, None])
                 else:
+                    m_pe = m_row[:, None] & (o_p < P)[None, :]
+                    b_pe = tl.load(p_c, mask=m_pe, other=0.0)
+                    b_pe = _rope_out(b_pe, kv_scale, k_out.dtype.element_ty, HAS_KV_SCALE, EXACT_ROUNDING)
                     tl.store(p_pe, b_pe, mask=m_pe)
 
 
@@ -224,16 +238,21 @@ def pick_config(cache_dtype: torch.dtype, w_dtype: torch.dtype, qk: int, v: int)
     bn = next(b for b in (128, 64, 32, 16) if _pad_cols(qk, v, b) * 8 <= tight * 9)
     if interpreting():
         return Config(BT=16, BN=min(bn, 32), BK=32, num_warps=4, num_stages=1)
-    fp8_dot = cache_dtype == FP8 and w_dtype == FP8
-    bk = 128 if fp8_dot else 64
-    # measured on H200 (bench --sweep): 64 x 128 tiles, 4 warps, 3 stages, 8 output tiles per program
-    return Config(BT=64, BN=bn, BK=bk, num_warps=4, num_stages=3, tiles_per_program=8)
+    # measured on an H100 (bench --sweep, 16384 tokens, DeepSeek-V3 and qk 192 / v 256 dims):
+    # 16-bit operands: 128 x 128 tiles, BK 64, 4 warps, 3 stages, 8 output tiles per program
+    # (0.298 ms DeepSeek-V3; 64-row tiles 0.38-0.50); any fp8 operand: 64-row tiles, BK 128,
+    # 32 output tiles per program (fp8 x fp8 0.317 ms; 128-row tiles 0.47-0.56)
+    if FP8 in (cache_dtype, w_dtype):
+        return Config(BT=64, BN=bn, BK=128, num_warps=4, num_stages=3, tiles_per_program=32)
+    return Config(BT=128, BN=bn, BK=64, num_warps=4, num_stages=3, tiles_per_program=8)
 
 
-def _dot_dtype(cache_dtype: torch.dtype, w_dtype: torch.dtype) -> Tuple[object, str]:
+def _dot_dtype(cache_dtype: torch.dtype, w_dtype: torch.dtype, out_dtype: torch.dtype) -> Tuple[object, str]:
     """Tensor-core operand type with exact products (see the module docstring)."""
     if interpreting():
         return tl.float32, "ieee"
+    if cache_dtype == w_dtype == FP8:
+        return (tl.float8e4nv if out_dtype == torch.bfloat16 else tl.bfloat16), "tf32"
     if cache_dtype == w_dtype:
         return _TL[cache_dtype], "tf32"
     if cache_dtype == FP8:
@@ -312,7 +331,7 @@ def gather_kv_b_proj_launch(kv_cache, kv_indptr, kv_indices, cu_kv_lens, w_kv_b,
     grid = (triton.cdiv(total, cfg.BT) * n_groups,)
     if grid[0] >= 2 ** 31:
         raise ValueError(f"cu_kv_lens: total = {total} tokens needs {grid[0]} programs, more than 2^31 - 1")
-    dot_dtype, precision = _dot_dtype(kv_cache.dtype, w_kv_b.dtype)
+    dot_dtype, precision = _dot_dtype(kv_cache.dtype, w_kv_b.dtype, out_dtype)
     ws = w_scale if w_scale is not None else w_kv_b  # dummy pointer when absent
     s_sn = w_scale.stride(0) if w_scale is not None else 0
     s_sl = w_scale.stride(1) if mode == W_SCALE_BLOCK else 0

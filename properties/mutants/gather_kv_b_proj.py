@@ -26,10 +26,10 @@ tail_read_past_len = _entry("tail_read_past_len", ("m_go = b_cu <= o_t", "m_go =
 # upstream's bug: with an fp8 cache, a bf16/fp16 weight is rounded to fp8 before the dot
 bf16_weight_to_fp8 = _entry(
     "bf16_weight_to_fp8",
-    ("            b_w = tl.load(p_w, mask=m_k[:, None] & m_n[None, :], other=0.0)\n",
-     "            b_w = tl.load(p_w, mask=m_k[:, None] & m_n[None, :], other=0.0)\n"
-     "            if cache.dtype.element_ty == tl.float8e4nv:\n"
-     "                b_w = b_w.to(tl.float8e4nv)\n"))
+    ("        b_w = tl.load(p_w, mask=m_k[:, None] & m_n[None, :], other=0.0)\n",
+     "        b_w = tl.load(p_w, mask=m_k[:, None] & m_n[None, :], other=0.0)\n"
+     "        if cache.dtype.element_ty == tl.float8e4nv:\n"
+     "            b_w = b_w.to(tl.float8e4nv)\n"))
 
 # the 128x128 block scale indexed by head instead of by the absolute weight row r // 128
 # (rows past the scale tensor land in its guard band)
@@ -53,9 +53,8 @@ pe_shifted_per_head = _entry(
 # k_pe rounded twice: through bfloat16, then to out_dtype
 pe_rounded_twice = _entry(
     "pe_rounded_twice",
-    ("                b_pe = cast_to(b_pe, k_out.dtype.element_ty, EXACT_ROUNDING)",
-     "                b_pe = cast_to(cast_to(b_pe, tl.bfloat16, EXACT_ROUNDING).to(tl.float32), "
-     "k_out.dtype.element_ty, EXACT_ROUNDING)"))
+    ("    return cast_to(b_pe, out_ty, EXACT_ROUNDING)",
+     "    return cast_to(cast_to(b_pe, tl.bfloat16, EXACT_ROUNDING).to(tl.float32), out_ty, EXACT_ROUNDING)"))
 
 # blocks addressed by their position in the table, not by the ids kv_indices holds (wrapped to
 # the cache's block count so no read leaves it)
