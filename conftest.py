@@ -72,14 +72,35 @@ def pytest_pyfunc_call(pyfuncitem):
     return True
 
 
+_device_fault = None  # set when a test lost the GPU context (harness.DeviceFault)
+
+
 def pytest_runtest_setup(item):
     harness.last_repro = None
 
 
+def pytest_runtest_logfinish(nodeid, location):
+    """After a DeviceFault has been reported, no later test can run in this process: an xdist
+    worker exits (the controller reports it and starts a fresh worker for the remaining tests); a
+    single process stops the session."""
+    if _device_fault is None:
+        return
+    import os
+    import sys
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        sys.stderr.write(f"kernelfuzz: {nodeid} lost the GPU context ({_device_fault}); ending this worker\n")
+        sys.stderr.flush()
+        os._exit(70)
+    pytest.exit(f"{nodeid} lost the GPU context ({_device_fault}); no later test can run", returncode=1)
+
+
 @pytest.hookimpl(hookwrapper=True)
 def pytest_runtest_makereport(item, call):
+    global _device_fault
     outcome = yield
     report = outcome.get_result()
+    if call.excinfo is not None and call.excinfo.errisinstance(harness.DeviceFault):
+        _device_fault = str(call.excinfo.value).splitlines()[0]
     if report.when == "call" and report.failed:
         line = harness.last_repro or f"{harness.REPRO_COMMAND} '{item.nodeid}'"
         seed = item.config.kf_seed

@@ -54,15 +54,39 @@ def repro_line() -> str:
     return line
 
 
+class DeviceFault(BaseException):
+    """A kernel left the GPU context unusable (an illegal address, a launch failure, ...).
+
+    Every later CUDA call in the process fails too, so hypothesis must not go on "shrinking" (its
+    minimal case would be whatever ran last in a dead context): as a BaseException this stops it
+    at once, with the case that faulted. conftest.py then ends the process so that pytest-xdist
+    replaces the worker with a fresh context."""
+
+
+_FAULTS = ("illegal memory access", "illegal address", "unspecified launch failure",
+           "misaligned address", "illegal instruction", "device-side assert")
+
+
+def is_device_fault(exc: BaseException) -> bool:
+    """True for the CUDA errors that poison the context (reported by torch or by Triton)."""
+    text = f"{type(exc).__name__}: {exc}"
+    return "CUDA" in text and any(s in text for s in _FAULTS)
+
+
 @contextlib.contextmanager
 def running(module: str, prop: str, impl, case: Case):
     token = _current.set((module, prop, impl, case))
     try:
         yield
+    except DeviceFault:
+        raise
     except BaseException as e:
         global last_repro
         last_repro = repro_line()
         _record_failure(module, prop, impl, case, e)
+        if is_device_fault(e):
+            raise DeviceFault(f"{type(e).__name__}: {str(e).strip().splitlines()[0]}\n"
+                              f"  the GPU context is lost; reproduce: {last_repro}") from e
         if hasattr(e, "add_note") and "reproduce:" not in str(e):
             e.add_note("reproduce: " + last_repro)
         raise

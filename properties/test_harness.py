@@ -1,14 +1,18 @@
 """The harness's own pieces fail when they should: the budget, bit-exact comparison, guards,
-poisoned allocations, backend pinning."""
+poisoned allocations, backend pinning, a lost GPU context."""
 import math
 import os
 import subprocess
 import sys
+import textwrap
+import types
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
-from properties import builders
+from properties import builders, harness
 from properties.compare import assert_bitwise, assert_close, budget_of
 from properties.guard import Guarded, Unchanged, poison_allocations
 
@@ -93,3 +97,58 @@ def test_backend_pins_each_worker_to_one_gpu():
     out = subprocess.run([sys.executable, "-c", script], cwd=ROOT, env=env, capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
     assert out.stdout.split() == ["5", "/tmp/tc/gw3"]   # gw3 -> entry 3 mod 2 of the outer list
+
+
+def _fault_body(calls):
+    def test_fault(impl, case):
+        calls.append(case.x)
+        if case.x > 3:
+            raise RuntimeError("CUDA error: an illegal memory access was encountered")
+        assert case.x != 2  # an ordinary failure, for the contrast
+    test_fault.__module__ = "properties.test_fake_op"
+    return test_fault
+
+
+def test_device_fault_stops_hypothesis_at_the_faulting_case():
+    """A context-poisoning CUDA error ends the property at the case that caused it: no shrinking
+    through a dead context, and the reproduce line names that case."""
+    calls = []
+    body = _fault_body(calls)
+    impl = types.SimpleNamespace(op="fake_op", name="triton", kind="production")
+
+    @settings(max_examples=50, database=None, derandomize=True)
+    @given(st.integers(4, 1000))
+    def fuzz(x):
+        harness.run_case(body, impl, harness.Case(x=x, seed=0))
+
+    with pytest.raises(harness.DeviceFault, match=r"context is lost; reproduce: .*--case") as info:
+        fuzz()
+    assert len(calls) == 1, calls
+    assert f'"x":{calls[0]}' in str(info.value)
+    # an ordinary failure is not a device fault (hypothesis shrinks it as usual)
+    with pytest.raises(AssertionError):
+        harness.run_case(body, impl, harness.Case(x=2, seed=0))
+    assert not harness.is_device_fault(RuntimeError("CUDA out of memory"))
+
+
+def test_device_fault_ends_the_worker_and_the_rest_still_run(tmp_path):
+    """After a DeviceFault an xdist worker exits and a fresh one runs the remaining tests; a
+    single process stops the session."""
+    (tmp_path / "test_fault.py").write_text(textwrap.dedent("""
+        from properties import harness
+
+        def test_a_faults():
+            raise harness.DeviceFault("CUDA error: an illegal memory access was encountered")
+
+        def test_b_runs():
+            pass
+    """))
+    env = dict(os.environ, PYTHONPATH=ROOT, KERNELFUZZ_BACKEND="interpreter")
+    base = [sys.executable, "-m", "pytest", "-p", "conftest", "-p", "no:cacheprovider", "-q", str(tmp_path)]
+    one = subprocess.run(base + ["-p", "no:xdist"], capture_output=True, text=True, env=env, cwd=tmp_path)
+    assert one.returncode != 0 and "lost the GPU context" in one.stdout + one.stderr, one.stdout[-2000:]
+    assert "test_b_runs PASSED" not in one.stdout and "1 passed" not in one.stdout, one.stdout[-2000:]
+    workers = subprocess.run(base + ["-n", "1", "-p", "xdist", "-rA"], capture_output=True, text=True,
+                             env=env, cwd=tmp_path)
+    out = workers.stdout + workers.stderr
+    assert "PASSED test_fault.py::test_b_runs" in out and "FAILED test_fault.py::test_a_faults" in out, out[-3000:]
