@@ -198,14 +198,19 @@ def same_arithmetic_checks():
 
 def vector_store_checks():
     """Full output tiles of gather_kv_b_proj must store 16 bytes at a time: a row mask Triton
-    cannot see as constant along the columns once made every store 2 bytes wide (K and V are
-    most of the op's memory traffic)."""
-    compiled.clear()
-    # P = 0: no rope stores, so every 16-byte store is a K or V output store
-    name, thunk = [c for c in gather_cases(_load(CASES["gather_kv_b_proj"][0])) if c[0].startswith("P=0")][0]
-    thunk()
-    ptx = compiled[0][3]
-    yield f"gather_kv_b_proj: {name}: 16-byte output stores (st.global.v4)", "st.global.v4.b32" in ptx
+    could not see as constant along the columns once made every store 2 bytes wide (K and V are
+    most of the op's memory traffic). The check must also fail on a plant that masks the full
+    tiles by column (properties/mutants/gather_kv_b_proj.py: scalar_output_stores)."""
+    from properties.mutants.gather_kv_b_proj import scalar_output_stores
+    for label, fn, want in (("production", _load(CASES["gather_kv_b_proj"][0]), True),
+                            ("plant scalar_output_stores", scalar_output_stores, False)):
+        compiled.clear()
+        # P = 0: no rope stores, so every 16-byte store is a K or V output store
+        name, thunk = [c for c in gather_cases(fn) if c[0].startswith("P=0")][0]
+        thunk()
+        vector = "st.global.v4.b32" in compiled[0][3]
+        yield (f"gather_kv_b_proj {label}: {name}: full-tile output stores "
+               f"{'are' if want else 'are not'} 16 bytes wide (st.global.v4)"), vector == want
 
 
 def main(argv) -> int:

@@ -79,6 +79,20 @@ no_checks = _entry(
      "    P, H, mode = (kv_cache.shape[-1] - kv_lora_rank, w_kv_b.shape[0] // (qk_nope_head_dim + v_head_dim), "
      "0 if w_scale is None else (1 if w_scale.dim() == 1 else 2)) if True else _check("))
 
+# A speed plant, not a correctness one (no property can kill it; it is not in MUTANTS): the full
+# output tiles stored with the column mask too, which Triton lowers to 2-byte stores. The 16-byte
+# store check of ci/compile_check.py must fail on it.
+_FULL_K = ("p_o = (k_out + i_h * s_kh + d0 * s_kd) + o_t[:, None] * s_kt + o_n[None, :] * s_kd\n"
+           "                if d0 + BN <= seg:\n"
+           "                    tl.store(p_o, b_o, mask=m_row[:, None])")
+_FULL_V = _FULL_K.replace("k_out + i_h * s_kh + d0 * s_kd", "v_out + i_h * s_vh + d0 * s_vd").replace(
+    "s_kt + o_n[None, :] * s_kd", "s_vt + o_n[None, :] * s_vd")
+scalar_output_stores = _entry(
+    "scalar_output_stores",
+    (_FULL_K, _FULL_K.replace("mask=m_row[:, None])", "mask=m_row[:, None] & m_n[None, :])")),
+    (_FULL_V, _FULL_V.replace("mask=m_row[:, None])", "mask=m_row[:, None] & m_n[None, :])")))
+
+
 MUTANTS = {
     "qk_equals_v": ("qk_equals_v", ("test_equivalence",),
                     "qk_nope_head_dim assumed equal to v_head_dim (weight head stride 2 * min(qk, v))"),
