@@ -112,19 +112,25 @@ def test_batch_split_invariance(impl, case):
         assert_bitwise(f"v of sequence {b} (rows {cu[b]}..{cu[b + 1]})", v[cu[b]:cu[b + 1]], vb)
 
 
+def same_as_clean_cache(impl, case, poison: str, where: str, what: str) -> None:
+    """k and v from a cache poisoned with NaN (`poison`: inp.build's mode) are finite and
+    bit-identical to those from the clean cache, and the cache's guards are untouched."""
+    k0, v0 = run(impl, inp.build(case))
+    x = inp.build(case, poison=poison)
+    k1, v1 = run(impl, x)
+    check_finite(f"{where}: ", k1, v1)
+    assert_bitwise(f"k ({what})", k1, k0)
+    assert_bitwise(f"v ({what})", v1, v0)
+    x.cache.check("kv_cache")
+
+
 @prop(inp.cases(min_total=1))
 def test_unheld_slots_ignored(impl, case):
     """With every cache slot that holds no token set to NaN (the tail of each last block, spare
     table entries past a length, unreferenced blocks, stride gaps, guard bands), k and v are
     finite and bit-identical to the run on the unpoisoned cache: no such slot is read into an
     output."""
-    k0, v0 = run(impl, inp.build(case))
-    x = inp.build(case, poison="unheld")
-    k1, v1 = run(impl, x)
-    check_finite("poisoned cache: ", k1, v1)
-    assert_bitwise("k (unheld slots NaN)", k1, k0)
-    assert_bitwise("v (unheld slots NaN)", v1, v0)
-    x.cache.check("kv_cache")
+    same_as_clean_cache(impl, case, "unheld", "poisoned cache", "unheld slots NaN")
 
 
 @prop(inp.cases(min_total=1, tight=True))
@@ -134,13 +140,7 @@ def test_no_read_past_cache(impl, case):
     NaN: k and v are finite and bit-identical to the run with random guard contents. A read
     outside the view that a mask throws away cannot be seen; one that reaches an output shows
     as NaN (on the GPU a read far past the allocation faults)."""
-    k0, v0 = run(impl, inp.build(case))
-    x = inp.build(case, poison="outside")
-    k1, v1 = run(impl, x)
-    check_finite("cache inside NaN guard bands: ", k1, v1)
-    assert_bitwise("k (NaN guard bands)", k1, k0)
-    assert_bitwise("v (NaN guard bands)", v1, v0)
-    x.cache.check("kv_cache")
+    same_as_clean_cache(impl, case, "outside", "cache inside NaN guard bands", "NaN guard bands")
 
 
 UNIFORM_CASES = st.builds(lambda c, s: c.replace(uniform=s), inp.cases(w_scale="block"), inp.uniform_scales())
