@@ -4,9 +4,16 @@ Contract: SPEC.md section 2 (issue 3). One latent head [L + P] per token is shar
 heads; scores s = sm_scale * q . kv over L + P dims, o = softmax(s) @ kv[:, :L], lse = logsumexp(s).
 
 Stage 1 (`_mla_decode_stage1_kernel`), grid (head tiles, splits, B). Program (j, s, b) runs the
-online softmax of BH query heads of sequence b over the s-th slice of its tokens: q.k as two
-`tl.dot`s (latent [BH, BL] x [BL, BN] and rope [BH, BP] x [BP, BN]), p.v as one `tl.dot`
-([BH, BN] x [BN, BL]) on the same latent tile, float32 accumulation; scores, running max and
+online softmax of BH query heads of sequence b over the s-th slice of its tokens: q.k as a
+batched `tl.dot` over BC = 64-wide chunks of the latent dims ([NC, BH, BC] x [NC, BC, BN], summed
+over the NC chunks) plus the rope `tl.dot` ([BH, BP] x [BP, BN]), p.v as one `tl.dot`
+([BH, BN] x [BN, BL]) on the same latent tile, float32 accumulation. The tensor cores round each
+K = 16 step of an accumulation chain toward zero; a single 512-long chain drifts by up to ~16
+float32 ulps of the partial sums, which is visible in lse where one score is the whole answer
+(measured on an H100: 1.27e-6 off against a budget of 6.9e-7). Chunks of 64 are
+short chains added with rounded float32 adds; a simulation of the H100's rounding put 42% of
+one-token lse cases over the budget with one chain and 1.3% (the reference's own luck) with
+chunks of 64. Scores, running max and
 lse in natural-log units, exponentials as exp2((s - m) * log2(e)). Tokens are gathered one by
 one through the page table (page kv_indices[kv_indptr[b] + t // page_size], slot
 t % page_size), so any run-time page_size works and a page's position in the pool does not
@@ -74,6 +81,10 @@ MAX_ROPE_DIM = 128    # P: even, up to 128
 MIN_SPLIT_TOKENS = 256  # a split shorter than this does not pay for its share of the stage-2 merge
 CPU_SM_COUNT = 8      # stand-in SM count off the GPU (interpreter): few programs, fast tests
 CTAS_PER_SM = 2       # stage-1 programs resident per SM (registers: [16, 512] fp32 acc + q + kv tile)
+# latent q . kv is summed as chunks of this many dims, each a fresh tensor-core chain, added with
+# rounded float32 adds: the tensor cores round each K = 16 step of a chain toward zero, so one
+# 512-long chain drifts (H100, a one-token lse: 1.27e-6 off against a budget of 6.9e-7)
+SCORE_CHUNK = 64
 LOG2E = tl.constexpr(1.4426950408889634)  # = 1 / ln(2)
 
 
@@ -103,7 +114,7 @@ def _mla_decode_stage1_kernel(
     s_q_b, s_q_h, s_q_d, s_kv_p, s_kv_s, s_kv_d, s_ptr, s_ind, s_len,
     s_mo_b, s_mo_h, s_mo_s, s_mo_d, s_ml_b, s_ml_h, s_ml_s,
     # constexprs
-    BH: tl.constexpr, BL: tl.constexpr, BP: tl.constexpr, BN: tl.constexpr,
+    BH: tl.constexpr, BL: tl.constexpr, BC: tl.constexpr, BP: tl.constexpr, BN: tl.constexpr,
     HAS_PE: tl.constexpr, HAS_KV_SCALE: tl.constexpr, UPCAST: tl.constexpr, P_ALIGN8: tl.constexpr,
     PAGE_POW2: tl.constexpr,
 ):
@@ -152,6 +163,11 @@ def _mla_decode_stage1_kernel(
     if HAS_KV_SCALE:
         b_scale = sm_scale * tl.load(kv_scale).to(tl.float32)
 
+    if not UPCAST:
+        # [NC, BH, BC] the latent q in BC-wide chunks (see the score below)
+        b_q3 = tl.permute(tl.reshape(b_q, [BH, BL // BC, BC]), (1, 0, 2))
+        # [BH, BN] zeros the compiler cannot prove zero
+        b_zero = tl.zeros([BH, BN], dtype=tl.float32) * b_scale
     # [BH]
     b_m = tl.full([BH], float("-inf"), dtype=tl.float32)
     b_l = tl.zeros([BH], dtype=tl.float32)
@@ -179,16 +195,23 @@ def _mla_decode_stage1_kernel(
         else:
             b_kv = b_kv.to(q.dtype.element_ty)
         # [BH, BN]
-        b_s = _dot(b_q, tl.trans(b_kv), UPCAST)
+        if UPCAST:
+            b_s = _dot(b_q, tl.trans(b_kv), UPCAST)
+        else:
+            # [NC, BC, BN] -> [NC, BH, BN] -> [BH, BN]: each BC-wide chunk is a fresh product chain
+            b_kv3 = tl.permute(tl.reshape(b_kv, [BN, BL // BC, BC]), (1, 2, 0))
+            b_s = tl.sum(tl.dot(b_q3, b_kv3), axis=0)
         if HAS_PE:
             # [BN, BP]
             b_kpe = tl.load(p_row[:, None] + (L + o_p[None, :]).to(tl.int64) * s_kv_d,
                             mask=m_n[:, None] & m_p[None, :], other=0.0)
             if UPCAST:
                 b_kpe = b_kpe.to(tl.float32)
+                b_s += _dot(b_qpe, tl.trans(b_kpe), UPCAST)
             else:
-                b_kpe = b_kpe.to(q.dtype.element_ty)
-            b_s += _dot(b_qpe, tl.trans(b_kpe), UPCAST)
+                # a chain of its own (b_zero is not a constant, so `b_s + dot` is not folded into
+                # the dot's accumulator), added to the latent sum with one rounded add
+                b_s += tl.dot(b_qpe, tl.trans(b_kpe.to(q.dtype.element_ty)), acc=b_zero)
         b_s = tl.where(m_n[None, :], b_s * b_scale, float("-inf"))
         # [BH] every block holds at least one valid token, so b_m_new is finite
         b_m_new = tl.maximum(b_m, tl.max(b_s, axis=1))
@@ -366,7 +389,7 @@ def _launch(q, kv_cache, kv_indptr, kv_indices, kv_lens, kv_lora_rank, sm_scale,
         kv_indptr.stride(0), kv_indices.stride(0), kv_lens.stride(0),
         mid_o.stride(0), mid_o.stride(1), mid_o.stride(2), mid_o.stride(3),
         mid_lse.stride(0), mid_lse.stride(1), mid_lse.stride(2),
-        BH=BH, BL=BL, BP=BP, BN=BN, HAS_PE=P > 0, HAS_KV_SCALE=kv_scale is not None,
+        BH=BH, BL=BL, BC=min(BL, SCORE_CHUNK), BP=BP, BN=BN, HAS_PE=P > 0, HAS_KV_SCALE=kv_scale is not None,
         UPCAST=interpreting(), P_ALIGN8=P % 8 == 0,
         PAGE_POW2=page_size & (page_size - 1) == 0, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )
