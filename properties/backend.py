@@ -6,7 +6,11 @@ controller decides once and exports the decision to its xdist workers through th
 - KERNELFUZZ_BACKEND: "cuda" or "interpreter" (set it yourself to force one).
 - KERNELFUZZ_GPUS: the GPUs the run may use, as CUDA_VISIBLE_DEVICES entries (an outer
   CUDA_VISIBLE_DEVICES is honoured). Worker gwN is pinned to entry N mod len before CUDA starts.
-- TRITON_CACHE_DIR: each worker gets its own sub-folder of the outer one (or of ~/.triton/cache).
+- TRITON_CACHE_DIR: each worker gets its own sub-folder of the outer one (or of ~/.triton/cache);
+  on the GPU, TRITON_CACHE_MANAGER lets a worker reuse what another worker already compiled
+  (properties/triton_cache.py).
+- torch's CPU threads: an xdist worker gets its share of the cores (the float64 oracles run on
+  the CPU; N workers with all cores each would oversubscribe them N times).
 """
 import os
 
@@ -62,6 +66,12 @@ def configure() -> str:
         or os.path.join(os.path.expanduser("~"), ".triton", "cache")
     os.environ["KERNELFUZZ_TRITON_CACHE_BASE"] = base
     os.environ["TRITON_CACHE_DIR"] = os.path.join(base, WORKER or "main")
+    if BACKEND == "cuda":
+        os.environ.setdefault("TRITON_CACHE_MANAGER", "properties.triton_cache:SiblingCacheManager")
+    if WORKER is not None:
+        import torch
+        workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT") or 1)
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // max(1, workers)))
     return BACKEND
 
 

@@ -99,6 +99,45 @@ def test_backend_pins_each_worker_to_one_gpu():
     assert out.stdout.split() == ["5", "/tmp/tc/gw3"]   # gw3 -> entry 3 mod 2 of the outer list
 
 
+def test_backend_shares_cores_and_compiles():
+    script = ("from properties import backend; backend.configure(); import os, torch; "
+              "print(torch.get_num_threads(), os.environ['TRITON_CACHE_MANAGER'])")
+    env = {**os.environ, "KERNELFUZZ_BACKEND": "cuda", "CUDA_VISIBLE_DEVICES": "0",
+           "PYTEST_XDIST_WORKER": "gw1", "PYTEST_XDIST_WORKER_COUNT": str(os.cpu_count() or 1)}
+    for var in ("KERNELFUZZ_GPUS", "KERNELFUZZ_TRITON_CACHE_BASE", "TRITON_INTERPRET", "TRITON_CACHE_MANAGER"):
+        env.pop(var, None)
+    out = subprocess.run([sys.executable, "-c", script], cwd=ROOT, env=env, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["1", "properties.triton_cache:SiblingCacheManager"]
+
+
+def test_sibling_cache_reads_what_another_worker_compiled(tmp_path, monkeypatch):
+    from triton import knobs
+
+    from properties.triton_cache import SiblingCacheManager
+    monkeypatch.setenv("KERNELFUZZ_TRITON_CACHE_BASE", str(tmp_path))
+
+    def manager(worker, key):
+        monkeypatch.setattr(knobs.cache, "dir", str(tmp_path / worker))
+        return SiblingCacheManager(key)
+
+    writer = manager("gw0", "KEY")
+    child = writer.put(b"binary", "k.cubin")
+    writer.put_group("k.json", {"k.cubin": child})
+    assert manager("gw1", "KEY").get_group("k.json") == {"k.cubin": child}
+    assert manager("gw1", "OTHER").get_group("k.json") is None
+    # a worker's own copy wins; a group whose child is missing is not used
+    own = manager("gw2", "KEY")
+    own.put_group("k.json", {"k.cubin": own.put(b"mine", "k.cubin")})
+    assert manager("gw2", "KEY").get_group("k.json") == {"k.cubin": str(tmp_path / "gw2" / "KEY" / "k.cubin")}
+    broken = manager("gw3", "BROKEN")
+    broken.put_group("k.json", {"k.cubin": str(tmp_path / "gw3" / "BROKEN" / "missing.cubin")})
+    assert manager("gw4", "BROKEN").get_group("k.json") is None
+    # never outside the run's cache base
+    monkeypatch.setattr(knobs.cache, "dir", str(tmp_path.parent / "elsewhere"))
+    assert SiblingCacheManager("KEY").get_group("k.json") is None
+
+
 def _fault_body(calls):
     def test_fault(impl, case):
         calls.append(case.x)
