@@ -75,7 +75,7 @@ def mla_cases(mla_decode):
     # the first case runs on every mutant: the pad path with lse, so each mutated line compiles
     yield "H=4 pad, lse, DeepSeek-V3 dims", lambda: case(H=4, head_padding="pad", return_lse=True)
     yield "H=16", lambda: case(H=16)
-    yield "H=128 (BH 64), lse", lambda: case(H=128, return_lse=True)
+    yield "H=128 (BH 32), lse", lambda: case(H=128, return_lse=True)
     yield "H=20 (BH 32)", lambda: case(H=20)
     yield "H=5 mask, fp16", lambda: case(H=5, head_padding="mask", dtype=torch.float16)
     yield "fp8 cache with kv_scale, H=8", lambda: case(H=8, cache=torch.float8_e4m3fn, kv_scale=True, return_lse=True)

@@ -4,33 +4,34 @@ Contract: SPEC.md section 2 (issue 3). One latent head [L + P] per token is shar
 heads; scores s = sm_scale * q . kv over L + P dims, o = softmax(s) @ kv[:, :L], lse = logsumexp(s).
 
 Stage 1 (`_mla_decode_stage1_kernel`), grid (head tiles, splits, B). Program (j, s, b) runs the
-online softmax of BH query heads of sequence b over the s-th slice of its tokens: q.k as a
-batched `tl.dot` over BC = 64-wide chunks of the latent dims ([NC, BH, BC] x [NC, BC, BN], summed
-over the NC chunks) plus the rope `tl.dot` ([BH, BP] x [BP, BN]), p.v as one `tl.dot`
-([BH, BN] x [BN, BL]) on the same latent tile, float32 accumulation. The tensor cores round each
-K = 16 step of an accumulation chain toward zero; a single 512-long chain drifts by up to ~16
-float32 ulps of the partial sums, which is visible in lse where one score is the whole answer
-(measured on an H100: 1.27e-6 off against a budget of 6.9e-7). Chunks of 64 are
-short chains added with rounded float32 adds; a simulation of the H100's rounding put 42% of
-one-token lse cases over the budget with one chain and 1.3% (the reference's own luck) with
-chunks of 64. Scores, running max and
-lse in natural-log units, exponentials as exp2((s - m) * log2(e)). Tokens are gathered one by
-one through the page table (page kv_indices[kv_indptr[b] + t // page_size], slot
-t % page_size), so any run-time page_size works and a page's position in the pool does not
-matter. It writes the normalised partial output and
-partial lse (float32) of every (b, head, split), empty splits included (o 0, lse -inf).
+online softmax of BH query heads of sequence b over the s-th slice of its tokens. The latent dims
+are cut into NC chunks of BC columns: q, each [BN, L] cache tile and the [BH, L] output
+accumulator are tuples of NC per-chunk tiles. q.k is one `tl.dot` per chunk ([BH, BC] x [BC, BN],
+each from a zero accumulator) plus the rope `tl.dot` ([BH, BP] x [BP, BN]), added in float32;
+p.v is one `tl.dot` per chunk ([BH, BN] x [BN, BC]); float32 accumulation throughout. Why chunks:
+the tensor cores round each K = 16 step of an accumulation chain toward zero, so one 512-long
+chain drifts by up to ~16 float32 ulps of its partial sums, visible in lse where one score is the
+whole answer (an H100, one token: 1.27e-6 off against a budget of 6.9e-7). A simulation of that
+rounding put 42% of one-token bf16 lse cases over the budget with one chain and 1.3% (the float32
+reference's own luck) with chunks of 64 (BC = 64; 128 for fp8 caches, see SCORE_CHUNK_FP8). The
+chunked kernel is also faster than the single-tile one it replaced (H100, H = 16, bf16, page 64:
+0.127-0.130 ms against 0.133-0.142 ms on the same inputs). Scores, running max and lse in
+natural-log units, exponentials as exp2((s - m) * log2(e)). Tokens are gathered one by one
+through the page table (page kv_indices[kv_indptr[b] + t // page_size], slot t % page_size), so
+any run-time page_size works and a page's position in the pool does not matter. It writes the
+normalised partial output and partial lse (float32) of every (b, head, split), empty splits
+included (o 0, lse -inf).
 Stage 2 (`_mla_decode_stage2_kernel`), grid (output heads, B): merges the splits with weights
 exp(lse_s - max lse) and writes o in q's dtype and lse. No split ever yields NaN: a sequence with
 kv_lens 0 has only empty splits and gets o = 0, lse = -inf, without any host synchronisation.
 
 Head tiles (`_config`, a pure function of the run head count and L): BH = 16 rows for up to 16
-heads (4 warps), 32 for 17..32 heads (4 warps), 64 beyond (8 warps, BN 32); BH 16 when L > 512.
-A 16-head tile would make H = 128 read the cache 8 times; with BH = 64 it is read twice, and the
-head tile is the fastest grid axis, so the programs that read the same (sequence, split) slice of
-the cache run together and the second read mostly hits L2. Measured on an H100 (B = 64, kv_len
-4096, bf16, page 64): H = 128 takes 0.47 ms with BH 64, 0.56 ms with BH 32; H = 16 takes 0.133 ms
-(2.27 TB/s of cache read). At BH = 16 (mma.sync) Triton 3.6 gives this loop num_stages - 3 cache
-buffers (checked in the TTGIR), hence 5 stages: 2 buffers in flight.
+heads, 32 beyond (4 warps, every dot a synchronous mma.sync; see _config for why not 64); BH 16
+when L > 512. The head tile is the fastest grid axis, so the programs that read the same
+(sequence, split) slice of the cache run together and the re-reads of H = 128 (4 tiles of 32)
+mostly hit L2. Measured on an H100 (B = 64, kv_len 4096, bf16, page 64): H = 128 takes 0.434 ms
+with BH 32 (0.585 with BH 16; the earlier single-tile kernel, 0.467 with BH 64); H = 16 takes
+0.127-0.130 ms (about 2.35 TB/s of cache read).
 
 Page and slot of a token: with a power-of-two page_size (PAGE_POW2) a shift and a mask, otherwise
 a 32-bit division; token positions are int32. (64-bit divisions per token once made the kernel
@@ -82,24 +83,28 @@ MIN_SPLIT_TOKENS = 256  # a split shorter than this does not pay for its share o
 CPU_SM_COUNT = 8      # stand-in SM count off the GPU (interpreter): few programs, fast tests
 CTAS_PER_SM = 2       # stage-1 programs resident per SM (registers: [16, 512] fp32 acc + q + kv tile)
 # latent q . kv is summed as chunks of this many dims, each a fresh tensor-core chain, added with
-# rounded float32 adds: the tensor cores round each K = 16 step of a chain toward zero, so one
-# 512-long chain drifts (H100, a one-token lse: 1.27e-6 off against a budget of 6.9e-7)
+# rounded float32 adds (see the module docstring): 64 for 16-bit caches; 128 for fp8 caches, whose
+# 4-bit-significand values sum with less rounding (simulated: 0.5% of one-token fp8 cases over the
+# budget with chunks of 64 or 128, 2.75% with one chain) and whose per-chunk conversion costs more
+# (H100, H = 16, page 64: 0.181 ms with 128, 0.222 ms with 64)
 SCORE_CHUNK = 64
+SCORE_CHUNK_FP8 = 128
 LOG2E = tl.constexpr(1.4426950408889634)  # = 1 / ln(2)
 
 
 @triton.jit
-def _dot(a, b, UPCAST: tl.constexpr):
+def _dot(a, b, acc, UPCAST: tl.constexpr):
     # UPCAST (interpreter): float32 operands; every output element is one contiguous [K] product
     # row reduced by numpy's pairwise sum, the same way for every element (numpy's matmul goes
     # through BLAS, whose rounding depends on the row's position in the tile, which would break
     # the bit-exact pad/mask and replica properties). Otherwise a bf16/fp16 tensor-core dot with
-    # a float32 accumulator.
+    # a float32 accumulator started at acc (None, or zeros the compiler cannot fold; the UPCAST
+    # form adds nothing, both being zero).
     if UPCAST:
         # [M, N, K] -> [M, N]
         return tl.sum(a[:, None, :] * tl.trans(b)[None, :, :], axis=2)
     else:
-        return tl.dot(a, b)
+        return tl.dot(a, b, acc)
 
 
 @triton.jit(do_not_specialize=["H_run", "REP", "P", "page_size", "page_shift", "num_splits"])
@@ -135,14 +140,20 @@ def _mla_decode_stage1_kernel(
     o_h = i_h * BH + tl.arange(0, BH)
     m_h = o_h < H_run
     o_qh = tl.where(m_h, o_h // REP, 0).to(tl.int64)
-    # [BL]
-    o_l = tl.arange(0, BL)
-    m_l = o_l < L
-    # [BH, BL]
-    p_q = q + i_b * s_q_b + o_qh[:, None] * s_q_h + o_l[None, :].to(tl.int64) * s_q_d
-    b_q = tl.load(p_q, mask=m_h[:, None] & m_l[None, :], other=0.0)
-    if UPCAST:
-        b_q = b_q.to(tl.float32)
+    # the latent dims in NC = BL // BC chunks of BC columns: q, every cache tile and the output
+    # accumulator are tuples of per-chunk tiles, so each chunk's q.k is a chain of its own
+    NC: tl.constexpr = BL // BC
+    # [BC]
+    o_c = tl.arange(0, BC)
+    # NC x [BH, BC]
+    b_q = ()
+    for c in tl.static_range(NC):
+        o_l = c * BC + o_c
+        p_q = q + i_b * s_q_b + o_qh[:, None] * s_q_h + o_l[None, :].to(tl.int64) * s_q_d
+        b_qc = tl.load(p_q, mask=m_h[:, None] & (o_l < L)[None, :], other=0.0)
+        if UPCAST:
+            b_qc = b_qc.to(tl.float32)
+        b_q = b_q + (b_qc,)
     if HAS_PE:
         # [BP]
         o_p = tl.arange(0, BP)
@@ -162,17 +173,17 @@ def _mla_decode_stage1_kernel(
     b_scale = sm_scale
     if HAS_KV_SCALE:
         b_scale = sm_scale * tl.load(kv_scale).to(tl.float32)
+    # [BH, BN] zeros the compiler cannot prove zero: `s + tl.dot(a, b, b_zero)` is then not folded
+    # into `tl.dot(a, b, s)`, so every chunk's product starts a fresh chain
+    b_zero = tl.zeros([BH, BN], dtype=tl.float32) * b_scale
 
-    if not UPCAST:
-        # [NC, BH, BC] the latent q in BC-wide chunks (see the score below)
-        b_q3 = tl.permute(tl.reshape(b_q, [BH, BL // BC, BC]), (1, 0, 2))
-        # [BH, BN] zeros the compiler cannot prove zero
-        b_zero = tl.zeros([BH, BN], dtype=tl.float32) * b_scale
     # [BH]
     b_m = tl.full([BH], float("-inf"), dtype=tl.float32)
     b_l = tl.zeros([BH], dtype=tl.float32)
-    # [BH, BL]
-    b_acc = tl.zeros([BH, BL], dtype=tl.float32)
+    # NC x [BH, BC]
+    b_acc = ()
+    for c in tl.static_range(NC):
+        b_acc = b_acc + (tl.zeros([BH, BC], dtype=tl.float32),)
     for n0 in range(b_start, b_end, BN):
         # [BN] token positions; masked lanes use page slot 0 of the sequence's first page id
         o_n = n0 + tl.arange(0, BN)
@@ -187,31 +198,28 @@ def _mla_decode_stage1_kernel(
             o_sl = o_n - o_pg * page_size
         b_page = tl.load(kv_indices + (b_page0 + o_pg) * s_ind, mask=m_n, other=0).to(tl.int64)
         p_row = kv + b_page * s_kv_p + o_sl.to(tl.int64) * s_kv_s
-        # [BN, BL]
-        b_kv = tl.load(p_row[:, None] + o_l[None, :].to(tl.int64) * s_kv_d,
-                       mask=m_n[:, None] & m_l[None, :], other=0.0)
-        if UPCAST:
-            b_kv = b_kv.to(tl.float32)
-        else:
-            b_kv = b_kv.to(q.dtype.element_ty)
-        # [BH, BN]
-        if UPCAST:
-            b_s = _dot(b_q, tl.trans(b_kv), UPCAST)
-        else:
-            # [NC, BC, BN] -> [NC, BH, BN] -> [BH, BN]: each BC-wide chunk is a fresh product chain
-            b_kv3 = tl.permute(tl.reshape(b_kv, [BN, BL // BC, BC]), (1, 2, 0))
-            b_s = tl.sum(tl.dot(b_q3, b_kv3), axis=0)
+        # NC x [BN, BC] the latent cache tile; [BH, BN] the scores, chunk by chunk
+        b_kv = ()
+        b_s = b_zero
+        for c in tl.static_range(NC):
+            o_l = c * BC + o_c
+            b_kvc = tl.load(p_row[:, None] + o_l[None, :].to(tl.int64) * s_kv_d,
+                            mask=m_n[:, None] & (o_l < L)[None, :], other=0.0)
+            if UPCAST:
+                b_kvc = b_kvc.to(tl.float32)
+            else:
+                b_kvc = b_kvc.to(q.dtype.element_ty)
+            b_kv = b_kv + (b_kvc,)
+            b_s = b_s + _dot(b_q[c], tl.trans(b_kvc), b_zero, UPCAST)
         if HAS_PE:
             # [BN, BP]
             b_kpe = tl.load(p_row[:, None] + (L + o_p[None, :]).to(tl.int64) * s_kv_d,
                             mask=m_n[:, None] & m_p[None, :], other=0.0)
             if UPCAST:
                 b_kpe = b_kpe.to(tl.float32)
-                b_s += _dot(b_qpe, tl.trans(b_kpe), UPCAST)
             else:
-                # a chain of its own (b_zero is not a constant, so `b_s + dot` is not folded into
-                # the dot's accumulator), added to the latent sum with one rounded add
-                b_s += tl.dot(b_qpe, tl.trans(b_kpe.to(q.dtype.element_ty)), acc=b_zero)
+                b_kpe = b_kpe.to(q.dtype.element_ty)
+            b_s = b_s + _dot(b_qpe, tl.trans(b_kpe), b_zero, UPCAST)
         b_s = tl.where(m_n[None, :], b_s * b_scale, float("-inf"))
         # [BH] every block holds at least one valid token, so b_m_new is finite
         b_m_new = tl.maximum(b_m, tl.max(b_s, axis=1))
@@ -219,11 +227,12 @@ def _mla_decode_stage1_kernel(
         # [BH, BN]
         b_p = tl.exp2((b_s - b_m_new[:, None]) * LOG2E)
         b_l = b_l * b_alpha + tl.sum(b_p, axis=1)
-        if UPCAST:
-            b_pv = _dot(b_p, b_kv, UPCAST)
-        else:
-            b_pv = _dot(b_p.to(q.dtype.element_ty), b_kv, UPCAST)
-        b_acc = b_acc * b_alpha[:, None] + b_pv
+        if not UPCAST:
+            b_p = b_p.to(q.dtype.element_ty)
+        b_new = ()
+        for c in tl.static_range(NC):
+            b_new = b_new + (b_acc[c] * b_alpha[:, None] + _dot(b_p, b_kv[c], None, UPCAST),)
+        b_acc = b_new
         b_m = b_m_new
 
     # [BH] an empty split (no token) gives o 0 and lse -inf
@@ -232,11 +241,12 @@ def _mla_decode_stage1_kernel(
     b_rcp = tl.where(b_empty, 0.0, 1.0 / tl.where(b_empty, 1.0, b_l))
     if HAS_KV_SCALE:
         b_rcp = b_rcp * tl.load(kv_scale).to(tl.float32)
-    # [BH, BL]
-    b_o = b_acc * b_rcp[:, None]
     o_hs = o_h.to(tl.int64)
-    p_mo = mid_o + i_b * s_mo_b + o_hs[:, None] * s_mo_h + i_s64 * s_mo_s + o_l[None, :].to(tl.int64) * s_mo_d
-    tl.store(p_mo, b_o, mask=m_h[:, None] & m_l[None, :])
+    for c in tl.static_range(NC):
+        o_l = c * BC + o_c
+        # [BH, BC]
+        p_mo = mid_o + i_b * s_mo_b + o_hs[:, None] * s_mo_h + i_s64 * s_mo_s + o_l[None, :].to(tl.int64) * s_mo_d
+        tl.store(p_mo, b_acc[c] * b_rcp[:, None], mask=m_h[:, None] & (o_l < L)[None, :])
     tl.store(mid_lse + i_b * s_ml_b + o_hs * s_ml_h + i_s64 * s_ml_s, b_lse, mask=m_h)
 
 
@@ -282,16 +292,18 @@ def _mla_decode_stage2_kernel(
 def _config(H_run: int, L: int) -> dict:
     """Stage-1 launch config, a pure function of the run head count and L (see module docstring).
 
-    Measured on an H100 (B = 64, kv_len 4096, L 512, P 64, bf16, page 64; bench --sweep, auto
-    splits): H = 16: BN 32 / 4 warps / 5 stages 0.133 ms, 2 stages 0.137, 6 stages 0.150; BN 16 /
-    5 stages 0.155; BN 64 / 8 warps 0.153. H = 128: BH 64 / BN 32 / 8 warps / 3 stages 0.470 ms,
-    2 stages 0.478; BH 64 / BN 16 0.73; BH 32 / BN 32 / 4 warps 0.56-0.58.
+    Measured on an H100 (B = 64, kv_len 4096, L 512, P 64, bf16, page 64, auto splits; one
+    process, the same inputs, median of 4 rounds): H = 16, BN 32 / 4 warps: 5 stages 0.127 ms,
+    4 stages 0.130, 6 stages 0.127; BN 16 0.136. H = 128: BH 32 / BN 32 / 4 warps / 2 stages
+    0.434 ms, 3 stages 0.449; BH 16 / 5 stages 0.585; BH 32 with 8 warps 0.86.
     """
     BL = max(16, triton.next_power_of_2(L))
     if BL >= 1024:
         return dict(BH=16, BN=16, num_warps=8, num_stages=2)
-    if H_run > 32:
-        return dict(BH=64, BN=32, num_warps=8, num_stages=3)
+    # no BH = 64: at 64 rows p.v runs on wgmma, which is asynchronous, and Triton 3.6 then prefetches
+    # the next cache tile into the single buffer the pending wgmma still reads (seen in the TTGIR:
+    # async_copy_global_to_local into the buffer before any warp_group_dot_wait; on an H100,
+    # H = 33 and 64 gave zeros); at 16 and 32 rows every dot is a synchronous mma.sync
     if H_run > 16:
         return dict(BH=32, BN=32, num_warps=4, num_stages=2)
     return dict(BH=16, BN=32, num_warps=4, num_stages=5)
@@ -389,7 +401,7 @@ def _launch(q, kv_cache, kv_indptr, kv_indices, kv_lens, kv_lora_rank, sm_scale,
         kv_indptr.stride(0), kv_indices.stride(0), kv_lens.stride(0),
         mid_o.stride(0), mid_o.stride(1), mid_o.stride(2), mid_o.stride(3),
         mid_lse.stride(0), mid_lse.stride(1), mid_lse.stride(2),
-        BH=BH, BL=BL, BC=min(BL, SCORE_CHUNK), BP=BP, BN=BN, HAS_PE=P > 0, HAS_KV_SCALE=kv_scale is not None,
+        BH=BH, BL=BL, BC=min(BL, cfg.get("BC", SCORE_CHUNK_FP8 if kv_cache.dtype == FP8 else SCORE_CHUNK)), BP=BP, BN=BN, HAS_PE=P > 0, HAS_KV_SCALE=kv_scale is not None,
         UPCAST=interpreting(), P_ALIGN8=P % 8 == 0,
         PAGE_POW2=page_size & (page_size - 1) == 0, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )
