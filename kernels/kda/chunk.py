@@ -341,10 +341,16 @@ def _launch_config(K: int, V: int) -> dict:
     # The state kernel runs BV = 64, unpipelined, whatever V is: on the GPU (H100 and H200, Triton
     # 3.6) every narrower V tile tried (16, 32; 1 or 2 stages) gave an illegal address or wrong
     # output on some shapes (K = 33 / V = 20 varlen, K = 64, K = 149, K = 255), while BV = 64 with
-    # 1 stage passed all of them; the cause is not understood. One stage also keeps K = 256 with
+    # 1 stage passed all of them; the cause is not understood (the interpreter gives the right
+    # answer with BV 16 and 32, and on the H100 BV 32 faults with 4 warps as with 8, so it is not
+    # a hazard between the two warpgroups of 8 warps). One stage also keeps K = 256 with
     # the float32 output path (fp16/fp32 inputs) inside shared memory.
+    # The intra-chunk kernel runs 2 warps and the WY/UT kernel K steps of 32 (H100, T = 32768,
+    # H = HV = 16, K = V = 128, bf16: 17.0 ms in all against 21.6 ms with 4 warps / BK 64; alone,
+    # 2 intra warps 19.0 ms, BK_W 32 19.5 ms; 1 or 8 intra warps, 2 or 8 WY/UT warps and BV_W 32
+    # were slower or no faster).
     return dict(BV=64, warps_fwd=4 if BK <= 64 else 8, stages_fwd=1,
-                BK_I=min(BK, 64), warps_intra=4, BK_W=min(BK, 64), BV_W=max(16, min(pow2(V), 64)), warps_wu=4)
+                BK_I=min(BK, 64), warps_intra=2, BK_W=min(BK, 32), BV_W=max(16, min(pow2(V), 64)), warps_wu=4)
 
 
 def dot_dim(n: int) -> int:
