@@ -341,10 +341,11 @@ def _launch_config(K: int, V: int) -> dict:
     # The state kernel runs BV = 64, unpipelined, whatever V is: on the GPU (H100 and H200, Triton
     # 3.6) every narrower V tile tried (16, 32; 1 or 2 stages) gave an illegal address or wrong
     # output on some shapes (K = 33 / V = 20 varlen, K = 64, K = 149, K = 255), while BV = 64 with
-    # 1 stage passed all of them; the cause is not understood (the interpreter gives the right
-    # answer with BV 16 and 32, and on the H100 BV 32 faults with 4 warps as with 8, so it is not
-    # a hazard between the two warpgroups of 8 warps). One stage also keeps K = 256 with
-    # the float32 output path (fp16/fp32 inputs) inside shared memory.
+    # 1 stage passed all of them; the cause is not understood. Known so far (H100, the bench
+    # shape): the interpreter computes BV 16 and 32 correctly; BV 32 faults with 4 warps as with
+    # 8; it runs correctly with plain tf32 or ieee state dots (dot_prec config key) and faults
+    # with 3xTF32, Triton's or written out as three tf32 dots on a hi/lo split. One stage also
+    # keeps K = 256 with the float32 output path (fp16/fp32 inputs) inside shared memory.
     # The intra-chunk kernel runs 2 warps and the WY/UT kernel K steps of 32 (H100, T = 32768,
     # H = HV = 16, K = V = 128, bf16: 17.0 ms in all against 21.6 ms with 4 warps / BK 64; alone,
     # 2 intra warps 19.0 ms, BK_W 32 19.5 ms; 1 or 8 intra warps, 2 or 8 WY/UT warps and BV_W 32
@@ -375,7 +376,8 @@ def chunk_kda(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor
         cu_seqlens: None or [N + 1] int32/int64 prefix sums of the packed sequence lengths (B must
             be 1); the state resets at each boundary. N = B without it.
         use_qk_l2norm: divide q and k by sqrt(sum x^2 + 1e-6) in the kernel first.
-        config: launch override for benchmarks (keys of _launch_config).
+        config: launch override for benchmarks (keys of _launch_config, and dot_prec: the
+            state-path dot precision, "tf32x3" for 16-bit inputs and "ieee" for float32).
 
     With K < MIN_CHUNK_K (8) it runs fused_recurrent_kda instead: the chunked solve is not accurate
     enough there (see the comment at the dispatch).
@@ -427,7 +429,7 @@ def chunk_kda(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor
     # float32; only the output path (q e^G, Aqk) drops to bf16 for bf16 inputs
     f32 = torch.float32
     o_path = torch.bfloat16 if q.dtype == torch.bfloat16 else f32
-    dot_prec = "ieee" if q.dtype == f32 else "tf32x3"
+    dot_prec = cfg.get("dot_prec", "ieee" if q.dtype == f32 else "tf32x3")
     Akk = torch.empty((rows, HV, BT), dtype=f32, device=dev)
     Aqk = torch.empty((rows, HV, BT), dtype=o_path, device=dev)
     w = torch.empty((rows, HV, K), dtype=f32, device=dev)
