@@ -4,6 +4,9 @@ Triton's interpreter accepts programs the GPU compiler rejects (e.g. a variable 
 differs between the branches of an `if`). This runs each op's public function on small CPU tensors
 with JITFunction.run replaced by a compile-only step for an sm_90 target, so the real
 front end, optimiser and ptxas see every kernel variant listed in CASES. It launches nothing.
+It also checks the generated code where a property of it matters (each check is also run on a
+plant it must reject): qkv's two gate layouts compile to the same arithmetic, gather's full output
+tiles store 16 bytes at a time, mla_decode's stage 1 uses no (asynchronous) wgmma.
 
     python -m ci.compile_check [--mutants]   # exit 1 if any variant fails to compile
 """
@@ -213,10 +216,34 @@ def vector_store_checks():
                f"{'are' if want else 'are not'} 16 bytes wide (st.global.v4)"), vector == want
 
 
+def synchronous_mma_checks():
+    """mla_decode's stage 1 must not use wgmma: with 64-row head tiles p.v ran on asynchronous
+    wgmma and Triton 3.6 prefetched the next cache tile into the single buffer a pending wgmma
+    still read (zeros on an H100 at H = 33 and 64). Every production variant is checked; the check
+    must also fail on a plant that forces 64-row tiles."""
+    import kernels.mla_decode as mla
+
+    def stage1_uses_wgmma():
+        return any("wgmma.mma_async" in ptx for name, _, _, ptx in compiled if "stage1" in name)
+
+    for name, thunk in mla_cases(mla.mla_decode):
+        compiled.clear()
+        thunk()
+        yield f"mla_decode production: {name}: stage 1 has no wgmma", not stage1_uses_wgmma()
+    compiled.clear()
+    B, H, L, P = 2, 128, 512, 64
+    q = torch.randn(B, H, L + P).to(torch.bfloat16)
+    kv = torch.zeros(8, 64, L + P, dtype=torch.bfloat16)
+    mla._launch(q, kv, torch.tensor([0, 4, 8], dtype=torch.int32), torch.arange(8, dtype=torch.int32),
+                torch.tensor([200, 255], dtype=torch.int32), L, None, None, None, "auto", True, False,
+                config=dict(BH=64, BN=32, num_warps=8, num_stages=3))
+    yield "mla_decode plant BH 64: stage 1 uses wgmma (the check can fail)", stage1_uses_wgmma()
+
+
 def main(argv) -> int:
     jit.JITFunction.run = _compile_only
     failed = 0
-    for label, ok in list(same_arithmetic_checks()) + list(vector_store_checks()):
+    for label, ok in list(same_arithmetic_checks()) + list(vector_store_checks()) + list(synchronous_mma_checks()):
         print(f"{'ok   ' if ok else 'FAIL '} {label}")
         failed += not ok
     for label, thunk in variants("--mutants" in argv):
