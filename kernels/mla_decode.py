@@ -388,6 +388,8 @@ def _launch(q, kv_cache, kv_indptr, kv_indices, kv_lens, kv_lora_rank, sm_scale,
         B, n_tiles, kv_indices.numel() * page_size, dev)
     BL = max(16, triton.next_power_of_2(L))
     BP = max(16, triton.next_power_of_2(max(P, 1)))
+    # score chunk width (a power of two, at most BL); the config key "BC" overrides it (bench)
+    BC = min(BL, cfg.get("BC", SCORE_CHUNK_FP8 if kv_cache.dtype == FP8 else SCORE_CHUNK))
     mid_o = torch.empty((B, H_run, S, L), dtype=torch.float32, device=dev)
     mid_lse = torch.empty((B, H_run, S), dtype=torch.float32, device=dev)
     kv_scale_arg = kv_scale if kv_scale is not None else mid_lse  # unused pointer when absent
@@ -401,7 +403,7 @@ def _launch(q, kv_cache, kv_indptr, kv_indices, kv_lens, kv_lora_rank, sm_scale,
         kv_indptr.stride(0), kv_indices.stride(0), kv_lens.stride(0),
         mid_o.stride(0), mid_o.stride(1), mid_o.stride(2), mid_o.stride(3),
         mid_lse.stride(0), mid_lse.stride(1), mid_lse.stride(2),
-        BH=BH, BL=BL, BC=min(BL, cfg.get("BC", SCORE_CHUNK_FP8 if kv_cache.dtype == FP8 else SCORE_CHUNK)), BP=BP, BN=BN, HAS_PE=P > 0, HAS_KV_SCALE=kv_scale is not None,
+        BH=BH, BL=BL, BC=BC, BP=BP, BN=BN, HAS_PE=P > 0, HAS_KV_SCALE=kv_scale is not None,
         UPCAST=interpreting(), P_ALIGN8=P % 8 == 0,
         PAGE_POW2=page_size & (page_size - 1) == 0, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )
