@@ -1,4 +1,5 @@
-"""Benchmark chunk_kda and fused_recurrent_kda (GPU only): `python -m bench.kda [--sweep] [--recurrent]`.
+"""Benchmark chunk_kda and fused_recurrent_kda (GPU only):
+`python -m bench.kda [--sweep] [--recurrent] [--profile]` (--profile: per-kernel CUDA times).
 
 Shapes: B = 1, T = 32768 (one sequence, and varlen: 8 sequences of 4096 packed), H = 16,
 HV in {16, 32}, K = V = 128, bf16 q/k/v/beta, float32 g = logsigmoid(randn) (fla's default gate
@@ -93,11 +94,31 @@ def _rel_err(a, b):
     return ((a.float() - b.float()).abs().max() / b.float().abs().max().clamp_min(1e-30)).item()
 
 
+def kernel_ms(fn, reps: int = 3) -> dict:
+    """CUDA time per call of each kernel fn launches (torch.profiler), in ms, largest first."""
+    from torch.profiler import ProfilerActivity, profile
+    fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(reps):
+            fn()
+        torch.cuda.synchronize()
+    times = {}
+    for e in prof.key_averages():
+        us = getattr(e, "self_device_time_total", None)
+        if us is None:
+            us = e.self_cuda_time_total
+        if us > 0:
+            times[e.key] = us / reps / 1e3
+    return dict(sorted(times.items(), key=lambda kv: -kv[1]))
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--T", type=int, default=32768)
     ap.add_argument("--sweep", action="store_true", help="also time alternative chunk_kda configs")
     ap.add_argument("--recurrent", action="store_true", help="also time fused_recurrent_kda")
+    ap.add_argument("--profile", action="store_true", help="print chunk_kda's per-kernel CUDA times")
     ap.add_argument("--no-fla", action="store_true")
     ap.add_argument("--hv", type=int, nargs="+", default=[16, 32], help="value head counts")
     ap.add_argument("--varlen", choices=("both", "no", "yes"), default="both",
@@ -125,9 +146,14 @@ def main():
             flops = T * HV * (3 * BT * K + 2 * BT * V + 6 * K * V)
             shape = f"B1 T{T} H{H} HV{HV} K{K} V{V}" + (" varlen8" if varlen else "")
             ms_eager = bench_ms(lambda: torch_chunk_kda(q, k, v, g, beta, scale, cu), warmup_ms=1, rep_ms=1)
+            if args.profile:
+                for name, ms in kernel_ms(lambda: chunk_kda(q, k, v, g, beta, **kw)).items():
+                    print(f"{shape}: {ms:8.3f} ms  {name[:80]}")
             configs = [None]
             if args.sweep:
-                configs += [dict(warps_fwd=4), dict(warps_wu=8), dict(warps_intra=8)]
+                # the earlier default (4 intra warps, WY/UT K steps of 64) and single changes
+                configs += [dict(warps_intra=4, BK_W=64), dict(warps_intra=4), dict(BK_W=64),
+                            dict(warps_fwd=4), dict(warps_wu=8)]
             fla_ms = None
             if fla is not None:
                 fkw = dict(scale=scale, output_final_state=True, use_qk_l2norm_in_kernel=True,
