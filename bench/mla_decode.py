@@ -92,8 +92,10 @@ def main():
     ap.add_argument("--sweep", action="store_true", help="time stage-1 configs and split counts")
     args = ap.parse_args()
     if args.sweep:
-        # stage-1 configs: (H, BH, BNs, num_warps, stages); no BH = 64 (see _config). Triton 3.6 gives this loop only
-        # num_stages - 3 cache buffers at BH = 16 (mma.sync), so deep pipelines are swept
+        # stage-1 configs: (H, BH, BNs, num_warps, stages); no BH = 64 (see _config). Triton 3.6
+        # gives this loop only num_stages - 3 cache buffers at BH = 16, so deep pipelines are swept.
+        # Separate runs of one config can differ by up to 15% (fresh inputs each time): compare
+        # configs on the same inputs before changing _config
         grid = [(16, 16, (32,), 4, (3, 4, 5, 6)), (16, 16, (16,), 4, (5,)),
                 (128, 16, (32,), 4, (4, 5)), (128, 32, (32,), 4, (2, 3, 4)), (128, 32, (32,), 8, (2, 3))]
         rows = []
