@@ -243,7 +243,8 @@ def synchronous_mma_checks():
 def main(argv) -> int:
     jit.JITFunction.run = _compile_only
     failed = 0
-    for label, ok in list(same_arithmetic_checks()) + list(vector_store_checks()) + list(synchronous_mma_checks()):
+    checks = list(same_arithmetic_checks()) + list(vector_store_checks()) + list(synchronous_mma_checks())
+    for label, ok in checks:
         print(f"{'ok   ' if ok else 'FAIL '} {label}")
         failed += not ok
     for label, thunk in variants("--mutants" in argv):
