@@ -71,6 +71,16 @@ def _rope_out(b_pe, kv_scale, out_ty: tl.constexpr, HAS_KV_SCALE: tl.constexpr, 
     return cast_to(b_pe, out_ty, EXACT_ROUNDING)
 
 
+@triton.jit
+def _store_tile(p_o, b_o, m_row, m_n, full):
+    # [BT, BN] output tile; a full column tile (full) stores with a row mask only, constant along
+    # the columns, so the stores stay 16 bytes wide (ci/compile_check.py checks the vector width)
+    if full:
+        tl.store(p_o, b_o, mask=m_row[:, None])
+    else:
+        tl.store(p_o, b_o, mask=m_row[:, None] & m_n[None, :])
+
+
 # L is left specialised: it is always a multiple of 16, so it compiles once and its divisibility
 # lets the K mask stay constant over 16 columns (vectorised loads).
 # QK is specialised too (divisible by 16 or not: two variants) so the rope stores stay aligned.
@@ -175,22 +185,13 @@ def _gather_kv_b_proj_kernel(
                 acc = acc * b_s[None, :]
             if HAS_KV_SCALE:
                 acc = acc * tl.load(kv_scale)
-            # a full column tile stores with a row mask only (constant along columns: 16-byte
-            # stores; ci/compile_check.py checks the vector width)
+            m_full = d0 + BN <= seg
             if is_k:
-                b_o = cast_to(acc, k_out.dtype.element_ty, EXACT_ROUNDING)
                 p_o = (k_out + i_h * s_kh + d0 * s_kd) + o_t[:, None] * s_kt + o_n[None, :] * s_kd
-                if d0 + BN <= seg:
-                    tl.store(p_o, b_o, mask=m_row[:, None])
-                else:
-                    tl.store(p_o, b_o, mask=m_row[:, None] & m_n[None, :])
+                _store_tile(p_o, cast_to(acc, k_out.dtype.element_ty, EXACT_ROUNDING), m_row, m_n, m_full)
             else:
-                b_o = cast_to(acc, v_out.dtype.element_ty, EXACT_ROUNDING)
                 p_o = (v_out + i_h * s_vh + d0 * s_vd) + o_t[:, None] * s_vt + o_n[None, :] * s_vd
-                if d0 + BN <= seg:
-                    tl.store(p_o, b_o, mask=m_row[:, None])
-                else:
-                    tl.store(p_o, b_o, mask=m_row[:, None] & m_n[None, :])
+                _store_tile(p_o, cast_to(acc, v_out.dtype.element_ty, EXACT_ROUNDING), m_row, m_n, m_full)
             acc = tl.zeros([BT, BN], dtype=tl.float32)
 
     if HAS_PE:
