@@ -23,11 +23,17 @@ CASES = [  # (cache dtype, weight dtype, weight scale)
     (FP8, FP8, "block"),
 ]
 TOTAL, B, BLOCK_SIZE = 16384, 8, 64
-SWEEP = [  # (BT, BN, BK, num_warps, num_stages, tiles_per_program)
-    (64, 128, 64, 4, 4, 8), (128, 128, 64, 8, 3, 8), (128, 128, 64, 8, 4, 8), (128, 128, 64, 4, 3, 8),
-    (128, 256, 64, 8, 3, 8), (128, 128, 64, 8, 3, 32), (128, 128, 64, 8, 4, 32), (64, 128, 64, 4, 3, 32),
-    (128, 128, 128, 8, 3, 8), (64, 128, 128, 4, 3, 8), (64, 128, 128, 4, 3, 32), (128, 64, 64, 4, 4, 16),
-]
+SWEEP = {  # operand kind -> (BT, BN, BK, num_warps, num_stages, tiles_per_program, G); a shape
+    # tries the configs whose BN is the one pick_config chose for it
+    "16-bit": [(128, 128, 64, 4, 3, 8, 1), (128, 128, 64, 8, 3, 8, 1), (256, 128, 64, 8, 3, 8, 1),
+               (128, 128, 64, 8, 3, 8, 2), (128, 128, 64, 8, 3, 16, 2), (128, 128, 64, 8, 3, 32, 2),
+               (128, 128, 64, 8, 4, 16, 2), (128, 128, 32, 8, 4, 16, 2), (128, 128, 64, 8, 2, 16, 2),
+               (64, 128, 64, 4, 3, 16, 2), (64, 128, 64, 4, 4, 16, 2),
+               (128, 64, 64, 4, 3, 8, 1), (128, 64, 64, 8, 3, 16, 4), (128, 64, 64, 8, 3, 32, 4),
+               (128, 64, 64, 8, 3, 16, 2), (128, 64, 64, 8, 4, 16, 4), (64, 64, 64, 4, 3, 16, 4)],
+    "fp8": [(64, 128, 128, 4, 3, 32, 1), (64, 128, 128, 4, 3, 32, 2), (128, 128, 128, 8, 3, 16, 2),
+            (64, 64, 128, 4, 3, 32, 2), (128, 64, 128, 8, 3, 16, 4)],
+}
 
 
 def _name(dt) -> str:
@@ -96,7 +102,7 @@ def _check_close(name, x, ref):
 
 
 def main(sweep: bool = False) -> None:
-    from kernels.gather_kv_b_proj import Config, gather_kv_b_proj, gather_kv_b_proj_launch
+    from kernels.gather_kv_b_proj import Config, gather_kv_b_proj, gather_kv_b_proj_launch, pick_config
     rows = []
     for model, (H, L, P, qk, v) in MODELS.items():
         for cache_dtype, w_dtype, ws_kind in CASES:
@@ -116,7 +122,9 @@ def main(sweep: bool = False) -> None:
             bound = "flop" if flops / (peak * 1e12) >= bytes_ / (COPY_TBPS * 1e12) else "byte"
             configs = [None]
             if sweep:
-                configs += [Config(*c) for c in SWEEP]
+                bn = pick_config(cache_dtype, w_dtype, qk, v).BN
+                kind = "fp8" if FP8 in (cache_dtype, w_dtype) else "16-bit"
+                configs += [Config(*c) for c in SWEEP[kind] if c[1] == bn]
             ms_e = bench_ms(lambda: eager(cache, w, slots, **kw))
             for cfg in configs:
                 try:

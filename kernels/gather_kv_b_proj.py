@@ -20,8 +20,9 @@ Design
   of its own token (j < kv_len[b]): the tail of the last block and unreferenced blocks are never
   read, and a cache that ends right after the last referenced block is safe. block_size is a
   run-time value (any >= 1).
-- Each K step loads a [BT, BK] gathered latent tile and a [BK, BN] weight tile and multiplies on
-  tensor cores with float32 accumulation. Operand dtype: fp8 x fp8 runs on fp8 tensor cores when
+- Each K step loads a [BT, BK] gathered latent tile and G [BK, BN] weight tiles (G consecutive
+  output tiles, a step, share the latent tile: G accumulators) and multiplies on tensor cores
+  with float32 accumulation. Operand dtype: fp8 x fp8 runs on fp8 tensor cores when
   the output is bfloat16, and as bf16 x bf16 (exact conversion) otherwise: Hopper's fp8 MMA keeps
   only about 14 bits of its accumulator (measured on an H100: a relative error of 5.5e-5 on one
   16-term product), far inside bf16's rounding but outside float32's or float16's budget. An
@@ -81,16 +82,39 @@ def _store_tile(p_o, b_o, m_row, m_n, full):
         tl.store(p_o, b_o, mask=m_row[:, None] & m_n[None, :])
 
 
+@triton.jit
+def _segment_tile(i_n, QK, VD, NT_K, NT_V, BN: tl.constexpr):
+    # output tile i_n -> (head, K-nope or V segment, first column in the segment, segment width,
+    # first weight row)
+    i_h = i_n // (NT_K + NT_V)
+    i_r = i_n % (NT_K + NT_V)
+    is_k = i_r < NT_K
+    d0 = tl.where(is_k, i_r, i_r - NT_K) * BN
+    seg = tl.where(is_k, QK, VD)
+    w_row0 = i_h * (QK + VD) + tl.where(is_k, 0, QK) + d0
+    return i_h, is_k, d0, seg, w_row0
+
+
+@triton.jit
+def _step_tile(i_s, g, G: tl.constexpr, N_OUT_TILES):
+    # output tile g of step i_s; a tile past the last one (N_OUT_TILES not a multiple of G) is the
+    # last one again: the same inputs and arithmetic, so storing it twice writes the same bits
+    i_n = i_s * G + g
+    if G > 1:
+        i_n = tl.minimum(i_n, N_OUT_TILES - 1)
+    return i_n
+
+
 # L is left specialised: it is always a multiple of 16, so it compiles once and its divisibility
 # lets the K mask stay constant over 16 columns (vectorised loads).
 # QK is specialised too (divisible by 16 or not: two variants) so the rope stores stay aligned.
 @triton.jit(do_not_specialize=["total", "B", "n_search", "block_size", "P", "VD",
-                               "NT_K", "NT_V", "N_OUT_TILES", "N_GROUPS"])
+                               "NT_K", "NT_V", "N_OUT_TILES", "N_STEPS", "N_GROUPS", "H"])
 def _gather_kv_b_proj_kernel(
     # pointers
     cache, kv_indptr, kv_indices, cu_kv_lens, w, w_scale, kv_scale, k_out, v_out,
     # sizes (run time)
-    total, B, n_search, block_size, L, P, QK, VD, NT_K, NT_V, N_OUT_TILES, N_GROUPS,
+    total, B, n_search, block_size, L, P, QK, VD, NT_K, NT_V, N_OUT_TILES, N_STEPS, N_GROUPS, H,
     # strides
     s_cb, s_cs, s_cd,
     s_wn, s_wl,
@@ -98,11 +122,11 @@ def _gather_kv_b_proj_kernel(
     s_kt, s_kh, s_kd,
     s_vt, s_vh, s_vd,
     # block sizes and flags
-    BT: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, BP: tl.constexpr,
+    BT: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, BP: tl.constexpr, G: tl.constexpr,
     W_SCALE_MODE: tl.constexpr, HAS_KV_SCALE: tl.constexpr, HAS_PE: tl.constexpr,
     DOT_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr, EXACT_ROUNDING: tl.constexpr,
 ):
-    # program -> (token tile, group of output tiles i_g, i_g + N_GROUPS, ...)
+    # program -> (token tile, steps i_g, i_g + N_GROUPS, ... of G output tiles each)
     i_p = tl.program_id(0)
     i_t = (i_p // N_GROUPS).to(tl.int64)
     i_g = i_p % N_GROUPS
@@ -131,89 +155,99 @@ def _gather_kv_b_proj_kernel(
     o_row = b_blk * s_cb + (o_j % block_size) * s_cs
 
     # The row mapping above is paid once per token tile and shared by all its output tiles. One
-    # flat loop over (output tile, K step) keeps the copy pipeline full across output tiles (a
-    # nested loop drains and refills it at every tile): step `it` is K step it % n_k of output
-    # tile i_g + (it // n_k) * N_GROUPS. Tile scalars are int32 (N_OUT_TILES is small).
+    # flat loop over (step, K step) keeps the copy pipeline full across output tiles (a nested
+    # loop drains and refills it at every tile): a step is G consecutive output tiles that share
+    # each gathered [BT, BK] latent tile (G accumulators, G dots per K step); loop index `it` is K
+    # step it % n_k of step i_g + (it // n_k) * N_GROUPS. Tile scalars are int32 (N_OUT_TILES is
+    # small).
     n_k = tl.cdiv(L, BK)
-    n_mine = tl.cdiv(N_OUT_TILES - i_g, N_GROUPS)
+    n_mine = tl.cdiv(N_STEPS - i_g, N_GROUPS)
     # [BK], [BN]; int32 lane offsets added to int64 scalars/rows keep their contiguity
     o_k = tl.arange(0, BK)
     o_n = tl.arange(0, BN)
-    # [BT, BN] = [BT, L] x [L, BN]
-    acc = tl.zeros([BT, BN], dtype=tl.float32)
+    # G x [BT, BN] = [BT, L] x [L, BN]
+    acc = ()
+    for g in tl.static_range(G):
+        acc = acc + (tl.zeros([BT, BN], dtype=tl.float32),)
     for it in range(0, n_mine * n_k):
-        i_n = i_g + (it // n_k) * N_GROUPS
+        i_s = i_g + (it // n_k) * N_GROUPS
         k0 = (it % n_k) * BK
-        # output tile -> (head, K-nope or V segment, first column of the segment)
-        i_h = i_n // (NT_K + NT_V)
-        i_r = i_n % (NT_K + NT_V)
-        is_k = i_r < NT_K
-        d0 = tl.where(is_k, i_r, i_r - NT_K) * BN
-        seg = tl.where(is_k, QK, VD)
-        w_row0 = i_h * (QK + VD) + tl.where(is_k, 0, QK) + d0
-        # [BN] weight rows of this tile
-        m_n = o_n < seg - d0
-        o_wrow = tl.where(m_n, w_row0 + o_n, w_row0)
         # [BK]
         m_k = (k0 + o_k) < L
-        # [BT, BK] gathered latent rows, [BK, BN] weight rows (transposed view)
+        # [BT, BK] gathered latent rows
         p_a = cache + o_row[:, None] + (k0 + o_k)[None, :] * s_cd
-        p_w = w + o_wrow[None, :].to(tl.int64) * s_wn + (k0 + o_k)[:, None] * s_wl
         b_a = tl.load(p_a, mask=m_row[:, None] & m_k[None, :], other=0.0)
-        b_w = tl.load(p_w, mask=m_k[:, None] & m_n[None, :], other=0.0)
-        if EXACT_ROUNDING:
-            # interpreter: numpy's sgemm (its tl.dot) rounds a row differently depending on its
-            # position in the tile; products summed over k in order are the same for every row
-            # [BT, BN]
-            b_p = tl.sum(b_a.to(tl.float32)[:, :, None] * b_w.to(tl.float32)[None, :, :], axis=1)
-        if W_SCALE_MODE == 2:
-            # [BN] block scale of absolute row r // 128, column block k0 // 128 (BK divides 128)
-            b_s = tl.load(w_scale + (o_wrow // 128) * s_sn + (k0 // 128) * s_sl, mask=m_n, other=0.0)
-            if not EXACT_ROUNDING:
-                b_p = tl.dot(b_a.to(DOT_DTYPE), b_w.to(DOT_DTYPE), input_precision=INPUT_PRECISION)
-            acc += b_p * b_s[None, :]
-        elif EXACT_ROUNDING:
-            acc += b_p
-        else:
-            acc = tl.dot(b_a.to(DOT_DTYPE), b_w.to(DOT_DTYPE), acc, input_precision=INPUT_PRECISION)
+        b_new = ()
+        for g in tl.static_range(G):
+            i_n = _step_tile(i_s, g, G, N_OUT_TILES)
+            i_h, is_k, d0, seg, w_row0 = _segment_tile(i_n, QK, VD, NT_K, NT_V, BN)
+            # [BN] weight rows of this tile
+            m_n = o_n < seg - d0
+            o_wrow = tl.where(m_n, w_row0 + o_n, w_row0)
+            # [BK, BN] weight rows (transposed view)
+            p_w = w + o_wrow[None, :].to(tl.int64) * s_wn + (k0 + o_k)[:, None] * s_wl
+            b_w = tl.load(p_w, mask=m_k[:, None] & m_n[None, :], other=0.0)
+            b_acc = acc[g]
+            if EXACT_ROUNDING:
+                # interpreter: numpy's sgemm (its tl.dot) rounds a row differently depending on
+                # its position in the tile; products summed over k in order are the same for
+                # every row
+                # [BT, BN]
+                b_p = tl.sum(b_a.to(tl.float32)[:, :, None] * b_w.to(tl.float32)[None, :, :], axis=1)
+            if W_SCALE_MODE == 2:
+                # [BN] block scale of absolute row r // 128, column block k0 // 128 (BK divides 128)
+                b_s = tl.load(w_scale + (o_wrow // 128) * s_sn + (k0 // 128) * s_sl, mask=m_n, other=0.0)
+                if not EXACT_ROUNDING:
+                    b_p = tl.dot(b_a.to(DOT_DTYPE), b_w.to(DOT_DTYPE), input_precision=INPUT_PRECISION)
+                b_acc += b_p * b_s[None, :]
+            elif EXACT_ROUNDING:
+                b_acc += b_p
+            else:
+                b_acc = tl.dot(b_a.to(DOT_DTYPE), b_w.to(DOT_DTYPE), b_acc, input_precision=INPUT_PRECISION)
+            b_new = b_new + (b_acc,)
+        acc = b_new
 
         if k0 + BK >= L:
-            # ---- the tile's last K step: scales, store, reset
-            if W_SCALE_MODE == 1:
-                # [BN]
-                b_s = tl.load(w_scale + o_wrow * s_sn, mask=m_n, other=0.0)
-                acc = acc * b_s[None, :]
-            if HAS_KV_SCALE:
-                acc = acc * tl.load(kv_scale)
-            m_full = d0 + BN <= seg
-            if is_k:
-                p_o = (k_out + i_h * s_kh + d0 * s_kd) + o_t[:, None] * s_kt + o_n[None, :] * s_kd
-                _store_tile(p_o, cast_to(acc, k_out.dtype.element_ty, EXACT_ROUNDING), m_row, m_n, m_full)
-            else:
-                p_o = (v_out + i_h * s_vh + d0 * s_vd) + o_t[:, None] * s_vt + o_n[None, :] * s_vd
-                _store_tile(p_o, cast_to(acc, v_out.dtype.element_ty, EXACT_ROUNDING), m_row, m_n, m_full)
-            acc = tl.zeros([BT, BN], dtype=tl.float32)
+            # ---- the step's last K step: scales, store, reset
+            b_new = ()
+            for g in tl.static_range(G):
+                i_n = _step_tile(i_s, g, G, N_OUT_TILES)
+                i_h, is_k, d0, seg, w_row0 = _segment_tile(i_n, QK, VD, NT_K, NT_V, BN)
+                m_n = o_n < seg - d0
+                b_acc = acc[g]
+                if W_SCALE_MODE == 1:
+                    # [BN]
+                    b_s = tl.load(w_scale + (w_row0 + o_n) * s_sn, mask=m_n, other=0.0)
+                    b_acc = b_acc * b_s[None, :]
+                if HAS_KV_SCALE:
+                    b_acc = b_acc * tl.load(kv_scale)
+                m_full = d0 + BN <= seg
+                if is_k:
+                    p_o = (k_out + i_h * s_kh + d0 * s_kd) + o_t[:, None] * s_kt + o_n[None, :] * s_kd
+                    _store_tile(p_o, cast_to(b_acc, k_out.dtype.element_ty, EXACT_ROUNDING), m_row, m_n, m_full)
+                else:
+                    p_o = (v_out + i_h * s_vh + d0 * s_vd) + o_t[:, None] * s_vt + o_n[None, :] * s_vd
+                    _store_tile(p_o, cast_to(b_acc, v_out.dtype.element_ty, EXACT_ROUNDING), m_row, m_n, m_full)
+                b_new = b_new + (tl.zeros([BT, BN], dtype=tl.float32),)
+            acc = b_new
 
     if HAS_PE:
-        # the rope part, written by the program that owns the first K tile of each head
-        for i_n in range(i_g, N_OUT_TILES, N_GROUPS):
-            i_h = i_n // (NT_K + NT_V)
-            i_r = i_n % (NT_K + NT_V)
-            if i_r == 0:
-                # [BP]
-                o_p = tl.arange(0, BP)
-                # [BT, BP]
-                p_c = (cache + L * s_cd) + o_row[:, None] + o_p[None, :] * s_cd
-                p_pe = (k_out + i_h * s_kh + QK * s_kd) + o_t[:, None] * s_kt + o_p[None, :] * s_kd
-                if P == BP:
-                    b_pe = tl.load(p_c, mask=m_row[:, None], other=0.0)
-                    b_pe = _rope_out(b_pe, kv_scale, k_out.dtype.element_ty, HAS_KV_SCALE, EXACT_ROUNDING)
-                    tl.store(p_pe, b_pe, mask=m_row[:, None])
-                else:
-                    m_pe = m_row[:, None] & (o_p < P)[None, :]
-                    b_pe = tl.load(p_c, mask=m_pe, other=0.0)
-                    b_pe = _rope_out(b_pe, kv_scale, k_out.dtype.element_ty, HAS_KV_SCALE, EXACT_ROUNDING)
-                    tl.store(p_pe, b_pe, mask=m_pe)
+        # the rope part of heads i_g, i_g + N_GROUPS, ...
+        for i_h in range(i_g, H, N_GROUPS):
+            # [BP]
+            o_p = tl.arange(0, BP)
+            # [BT, BP]
+            p_c = (cache + L * s_cd) + o_row[:, None] + o_p[None, :] * s_cd
+            p_pe = (k_out + i_h * s_kh + QK * s_kd) + o_t[:, None] * s_kt + o_p[None, :] * s_kd
+            if P == BP:
+                b_pe = tl.load(p_c, mask=m_row[:, None], other=0.0)
+                b_pe = _rope_out(b_pe, kv_scale, k_out.dtype.element_ty, HAS_KV_SCALE, EXACT_ROUNDING)
+                tl.store(p_pe, b_pe, mask=m_row[:, None])
+            else:
+                m_pe = m_row[:, None] & (o_p < P)[None, :]
+                b_pe = tl.load(p_c, mask=m_pe, other=0.0)
+                b_pe = _rope_out(b_pe, kv_scale, k_out.dtype.element_ty, HAS_KV_SCALE, EXACT_ROUNDING)
+                tl.store(p_pe, b_pe, mask=m_pe)
 
 
 class Config(NamedTuple):
@@ -223,6 +257,7 @@ class Config(NamedTuple):
     num_warps: int
     num_stages: int
     tiles_per_program: int = 8  # output tiles one program computes for its token tile
+    G: int = 1                  # output tiles per step, sharing each gathered latent tile
 
 
 def _pad_cols(qk: int, v: int, bn: int) -> int:
@@ -238,13 +273,17 @@ def pick_config(cache_dtype: torch.dtype, w_dtype: torch.dtype, qk: int, v: int)
     tight = _pad_cols(qk, v, 16)
     bn = next(b for b in (128, 64, 32, 16) if _pad_cols(qk, v, b) * 8 <= tight * 9)
     if interpreting():
-        return Config(BT=16, BN=min(bn, 32), BK=32, num_warps=4, num_stages=1)
+        return Config(BT=16, BN=min(bn, 32), BK=32, num_warps=4, num_stages=1, G=2)
     # measured on an H100 (bench --sweep, 16384 tokens, DeepSeek-V3 and qk 192 / v 256 dims):
     # 16-bit operands: 128 x 128 tiles, BK 64, 4 warps, 3 stages, 8 output tiles per program
-    # (0.298 ms DeepSeek-V3; 64-row tiles 0.38-0.50); any fp8 operand: 64-row tiles, BK 128,
-    # 32 output tiles per program (fp8 x fp8 0.317 ms; 128-row tiles 0.47-0.56)
+    # (0.297 ms DeepSeek-V3; 64-row tiles 0.38-0.50; steps of G = 2 tiles with 8 warps 0.33);
+    # with BN = 64, steps of 4 tiles and 8 warps (qk 192 / v 256: 0.479 ms, single tiles 0.514);
+    # any fp8 operand: 64-row tiles, BK 128, 32 output tiles per program (fp8 x fp8 0.267 ms;
+    # 128-row tiles 0.47-0.56; G = 2 0.39: the block scales break the accumulation chain)
     if FP8 in (cache_dtype, w_dtype):
         return Config(BT=64, BN=bn, BK=128, num_warps=4, num_stages=3, tiles_per_program=32)
+    if bn <= 64:
+        return Config(BT=128, BN=bn, BK=64, num_warps=8, num_stages=3, tiles_per_program=16, G=4)
     return Config(BT=128, BN=bn, BK=64, num_warps=4, num_stages=3, tiles_per_program=8)
 
 
@@ -328,7 +367,8 @@ def gather_kv_b_proj_launch(kv_cache, kv_indptr, kv_indices, cu_kv_lens, w_kv_b,
         raise ValueError(f"config: expected BK dividing {SCALE_BLOCK}, got {cfg.BK}")
     nt_k, nt_v = triton.cdiv(QK, cfg.BN), triton.cdiv(VD, cfg.BN)
     n_out_tiles = H * (nt_k + nt_v)
-    n_groups = triton.cdiv(n_out_tiles, cfg.tiles_per_program)
+    n_steps = triton.cdiv(n_out_tiles, cfg.G)
+    n_groups = triton.cdiv(n_steps, max(1, cfg.tiles_per_program // cfg.G))
     grid = (triton.cdiv(total, cfg.BT) * n_groups,)
     if grid[0] >= 2 ** 31:
         raise ValueError(f"cu_kv_lens: total = {total} tokens needs {grid[0]} programs, more than 2^31 - 1")
@@ -340,13 +380,13 @@ def gather_kv_b_proj_launch(kv_cache, kv_indptr, kv_indices, cu_kv_lens, w_kv_b,
         kv_cache, kv_indptr, kv_indices, cu_kv_lens, w_kv_b, ws,
         kv_scale if kv_scale is not None else w_kv_b, k, v,
         total, B, max(B - 1, 0).bit_length(), kv_cache.shape[1], L, P, QK, VD,
-        nt_k, nt_v, n_out_tiles, n_groups,
+        nt_k, nt_v, n_out_tiles, n_steps, n_groups, H,
         kv_cache.stride(0), kv_cache.stride(1), kv_cache.stride(2),
         w_kv_b.stride(0), w_kv_b.stride(1),
         s_sn, s_sl,
         k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2),
-        BT=cfg.BT, BN=cfg.BN, BK=cfg.BK, BP=max(16, triton.next_power_of_2(max(P, 1))),
+        BT=cfg.BT, BN=cfg.BN, BK=cfg.BK, BP=max(16, triton.next_power_of_2(max(P, 1))), G=cfg.G,
         W_SCALE_MODE=mode, HAS_KV_SCALE=kv_scale is not None, HAS_PE=P > 0,
         DOT_DTYPE=dot_dtype, INPUT_PRECISION=precision, EXACT_ROUNDING=interpreting(),
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,

@@ -26,10 +26,10 @@ tail_read_past_len = _entry("tail_read_past_len", ("m_go = b_cu <= o_t", "m_go =
 # upstream's bug: with an fp8 cache, a bf16/fp16 weight is rounded to fp8 before the dot
 bf16_weight_to_fp8 = _entry(
     "bf16_weight_to_fp8",
-    ("        b_w = tl.load(p_w, mask=m_k[:, None] & m_n[None, :], other=0.0)\n",
-     "        b_w = tl.load(p_w, mask=m_k[:, None] & m_n[None, :], other=0.0)\n"
-     "        if cache.dtype.element_ty == tl.float8e4nv:\n"
-     "            b_w = b_w.to(tl.float8e4nv)\n"))
+    ("            b_w = tl.load(p_w, mask=m_k[:, None] & m_n[None, :], other=0.0)\n",
+     "            b_w = tl.load(p_w, mask=m_k[:, None] & m_n[None, :], other=0.0)\n"
+     "            if cache.dtype.element_ty == tl.float8e4nv:\n"
+     "                b_w = b_w.to(tl.float8e4nv)\n"))
 
 # the 128x128 block scale indexed by head instead of by the absolute weight row r // 128
 # (rows past the scale tensor land in its guard band)
@@ -42,7 +42,7 @@ block_scale_per_head = _entry(
 # are scaled again at every later step
 block_scale_compounds = _entry(
     "block_scale_compounds",
-    ("acc += b_p * b_s[None, :]", "acc = (acc + b_p) * b_s[None, :]"))
+    ("b_acc += b_p * b_s[None, :]", "b_acc = (b_acc + b_p) * b_s[None, :]"))
 
 # k_pe of heads >= 1 read two columns early (the last latent columns leak into the rope part)
 pe_shifted_per_head = _entry(
