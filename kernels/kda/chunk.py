@@ -344,7 +344,10 @@ def _launch_config(K: int, V: int) -> dict:
     # 1 stage passed all of them; the cause is not understood. Known so far (H100, the bench
     # shape): the interpreter computes BV 16 and 32 correctly; BV 32 faults with 4 warps as with
     # 8; it runs correctly with plain tf32 or ieee state dots (dot_prec config key) and faults
-    # with 3xTF32, Triton's or written out as three tf32 dots on a hi/lo split. One stage also
+    # with 3xTF32, Triton's or written out as three tf32 dots on a hi/lo split. Moving the output
+    # (the two bf16 dots) to a kernel of its own does not cure it: with the state path alone,
+    # BV 32 ran the bench shape correctly (15.1 ms in all against 18.0 with BV 64) but faulted in
+    # the fuzzed GPU tests (illegal memory access; H100). One stage also
     # keeps K = 256 with the float32 output path (fp16/fp32 inputs) inside shared memory.
     # The intra-chunk kernel runs 2 warps and the WY/UT kernel K steps of 32 (H100, T = 32768,
     # H = HV = 16, K = V = 128, bf16: 17.0 ms in all against 21.6 ms with 4 warps / BK 64; alone,
