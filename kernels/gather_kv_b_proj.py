@@ -365,6 +365,8 @@ def gather_kv_b_proj_launch(kv_cache, kv_indptr, kv_indices, cu_kv_lens, w_kv_b,
     cfg = config or pick_config(kv_cache.dtype, w_kv_b.dtype, QK, VD)
     if cfg.BK > SCALE_BLOCK or SCALE_BLOCK % cfg.BK:
         raise ValueError(f"config: expected BK dividing {SCALE_BLOCK}, got {cfg.BK}")
+    if cfg.G < 1:
+        raise ValueError(f"config: expected G (output tiles per step) >= 1, got {cfg.G}")
     nt_k, nt_v = triton.cdiv(QK, cfg.BN), triton.cdiv(VD, cfg.BN)
     n_out_tiles = H * (nt_k + nt_v)
     n_steps = triton.cdiv(n_out_tiles, cfg.G)
