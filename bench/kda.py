@@ -162,6 +162,11 @@ def main():
                 print(f"fla vs ours ({shape}): rel err o {_rel_err(o, fo):.3g}, state {_rel_err(ht, fh):.3g}")
                 fla_ms = bench_ms(lambda: fla(q, k, v, g, beta, **fkw))
             for cfg in configs:
+                if cfg is not None:  # a swept config must agree with the baseline like the default
+                    co, ch = chunk_kda(q, k, v, g, beta, config=cfg, **kw)
+                    if not (_rel_err(co, ro) <= tol and _rel_err(ch, rh) <= tol):
+                        raise SystemExit(f"chunk_kda config {cfg} disagrees with the eager float32 baseline "
+                                         f"({shape}): rel err o {_rel_err(co, ro):.3g}, state {_rel_err(ch, rh):.3g}")
                 ms = bench_ms(lambda: chunk_kda(q, k, v, g, beta, config=cfg, **kw))
                 rows.append(dict(op="chunk_kda", shape=shape, dtype="bf16", config=str(cfg or "default"),
                                  ms=ms, tok_per_s=T / ms * 1e3, tflops=flops / ms * 1e-9,
