@@ -151,9 +151,9 @@ def main():
                     print(f"{shape}: {ms:8.3f} ms  {name[:80]}")
             configs = [None]
             if args.sweep:
-                # the earlier default (4 intra warps, WY/UT K steps of 64) and single changes
-                configs += [dict(warps_intra=4, BK_W=64), dict(warps_intra=4), dict(BK_W=64),
-                            dict(warps_fwd=4), dict(warps_wu=8)]
+                # single changes to the default
+                configs += [dict(warps_intra=4), dict(BK_I=32), dict(BK_W=16), dict(warps_wu=8),
+                            dict(warps_fwd=4), dict(stages_fwd=1)]
             fla_ms = None
             if fla is not None:
                 fkw = dict(scale=scale, output_final_state=True, use_qk_l2norm_in_kernel=True,

@@ -3,7 +3,7 @@
 Within a chunk (rows i, j in [0, BT)), with G_i = sum_{s <= i} g_s the per-channel cumulative decay:
     Akk[i, j] = beta_i sum_c k_ic k_jc exp(G_ic - G_jc)      for j < i
     Aqk[i, j] = scale sum_c q_ic k_jc exp(G_ic - G_jc)       for j <= i
-    Y = (I + Akk)^-1                                          (unit lower triangular, forward substitution)
+    Y = (I + Akk)^-1                (unit lower triangular: solved in 16 x 16 diagonal blocks, then combined)
     w = Y (beta k exp(G)),  u = Y (beta v)                     (the WY / UT representation)
 and with S the float32 state at the chunk's start:
     U = u - w S;  o = (q scale exp(G)) S + Aqk U;  S <- diag(exp(G_last)) S + (k exp(G_last - G))^T U.
@@ -12,14 +12,15 @@ no NaN/inf; and each difference is computed as the sum sum_{s=j+1}^{i} g_s, neve
 (two long cumulative sums of g = -1000 differ by a small decay with an absolute error of
 ~ulp(|G|), which would wreck exp of the difference). Off-diagonal 16 x 16 sub-blocks factor at the
 sub-block's first row r: exp(sum_{s=r}^{i} g_s) exp(sum_{s=j+1}^{r-1} g_s), both factors <= 1, and run
-on tensor cores; the diagonal sub-blocks are formed element by element.
+on tensor cores; the diagonal sub-blocks are formed element by element (all pairs of rows at once).
 
 Kernels: _kda_chunk_intra_kernel (Akk, Aqk; parallel over chunks x 16-row sub-blocks x heads),
 _kda_chunk_wu_kernel (solve, w, u, q exp(G), k exp(G_last - G), exp(G_last); parallel over chunks x
 heads), _kda_chunk_fwd_kernel (sequential over the chunks of one (sequence, value head, V tile),
-float32 state in registers, writes o and the final state). Value head hv reads q/k head
-hv // (HV // H). Intermediates are token-indexed [rows, HV, *]; with cu_seqlens a device-side
-table maps each chunk slot to (sequence, chunk), so the launcher never synchronises.
+float32 state in registers as row blocks of 64, writes o and the final state). Value head hv reads
+q/k head hv // (HV // H). Intermediates are token-indexed [rows, HV, *], rows padded to 16
+columns; with cu_seqlens a device-side table maps each chunk slot to (sequence, chunk), so the
+launcher never synchronises.
 """
 from typing import Optional
 
@@ -60,7 +61,7 @@ def _chunk_coords(i_t, i_nh, chunk_indices, cu_seqlens, T, HV, GROUP, IS_VARLEN:
     return i_b, i_n, i_hv, i_h, bos, eos, t0, row_base
 
 
-@triton.jit(do_not_specialize=["T", "HV", "K", "GROUP"])
+@triton.jit(do_not_specialize=["T", "HV", "GROUP"])
 def _kda_chunk_intra_kernel(
     q, k, g, beta, Akk, Aqk, chunk_indices, cu_seqlens,
     scale, T, HV, K, GROUP,
@@ -112,9 +113,15 @@ def _kda_chunk_intra_kernel(
         b_rks = 1.0 / tl.sqrt(b_sks + 1e-6)
         b_rqs = 1.0 / tl.sqrt(b_sqs + 1e-6)
 
-    # [BC, BT]
+    # [BC, BT] columns of earlier sub-blocks (the rest stays 0)
     b_Akk = tl.zeros([BC, BT], dtype=tl.float32)
     b_Aqk = tl.zeros([BC, BT], dtype=tl.float32)
+    # [BC, BC] the diagonal sub-block, columns r .. r + BC - 1
+    b_Akk_d = tl.zeros([BC, BC], dtype=tl.float32)
+    b_Aqk_d = tl.zeros([BC, BC], dtype=tl.float32)
+    o_j = tl.arange(0, BC)
+    m_lt = o_i[:, None] > o_j[None, :]
+    m_le = o_i[:, None] >= o_j[None, :]
     m_j = o_t < r  # columns in earlier sub-blocks
     # rows shifted by one (j + 1), kept while j + 1 < r: suffix sums over rows j + 1 .. r - 1
     m_j1 = ((o_t + 1) < r) & ((t0 + o_t + 1) < eos)
@@ -146,42 +153,43 @@ def _kda_chunk_intra_kernel(
         b_Akk += tl.dot(b_ks * b_es, tl.trans(b_kr), input_precision=DOT_PREC)
         b_Aqk += tl.dot(b_qs * b_es, tl.trans(b_kr), input_precision=DOT_PREC)
 
-        # diagonal sub-block, element by element: exp(sum_{s=j+1}^{i} g_s) for r <= j <= i
-        for jj in range(0, BC):
-            # [BK]
-            b_kj = tl.sum(tl.where((o_i == jj)[:, None], b_ks, 0.0), 0)
-            m_ij = (o_i >= jj)[:, None]
-            # [BC, BK]
-            b_Dj = tl.cumsum(tl.where((o_i > jj)[:, None], b_gs, 0.0), 0)
-            b_d = tl.where(m_ij, tl.exp(b_Dj), 0.0) * b_kj[None, :]
-            # [BC]
-            b_akk = tl.where(o_i > jj, tl.sum(b_ks * b_d, 1), 0.0)
-            b_aqk = tl.sum(b_qs * b_d, 1)
-            m_col = (o_t == r + jj)[None, :]
-            b_Akk += tl.where(m_col, b_akk[:, None], 0.0)
-            b_Aqk += tl.where(m_col, b_aqk[:, None], 0.0)
+        # diagonal sub-block, element by element, all (i, j) pairs at once:
+        # D[i, j, c] = sum_{s=j+1}^{i} g_sc for j <= i, a cumulative sum down i of g masked to
+        # rows i > j (so exp(D) <= 1)
+        # [BC, BC, BK]
+        b_D = tl.cumsum(tl.where(m_lt[:, :, None], b_gs[:, None, :], 0.0), 0)
+        b_E = tl.where(m_le[:, :, None], tl.exp(b_D), 0.0) * b_ks[None, :, :]
+        # [BC, BC]
+        b_Akk_d += tl.sum(b_ks[:, None, :] * b_E, 2)
+        b_Aqk_d += tl.sum(b_qs[:, None, :] * b_E, 2)
 
     # [BC]
     b_beta = tl.load(beta + i_b * s_b_b + i_hv * s_b_h + t_i * s_b_t, mask=m_i, other=0.0).to(tl.float32)
     b_Akk = b_Akk * b_beta[:, None]
     b_Aqk = b_Aqk * scale
-    # Akk, Aqk: contiguous [rows, HV, BT]
+    b_Akk_d = tl.where(m_lt, b_Akk_d, 0.0) * b_beta[:, None]
+    b_Aqk_d = b_Aqk_d * scale
+    # Akk, Aqk: contiguous [rows, HV, BT]; the diagonal sub-block's columns are stored apart
     o_row = ((row_base + t_i) * HV + i_hv) * BT
-    m_s = m_i[:, None] & (o_t < BT)[None, :]
+    m_s = m_i[:, None] & ((o_t < r) | (o_t >= r + BC))[None, :]
     tl.store(Akk + o_row[:, None] + o_t[None, :], b_Akk, mask=m_s)
     tl.store(Aqk + o_row[:, None] + o_t[None, :], cast_to(b_Aqk, Aqk.dtype.element_ty, EXACT_ROUNDING), mask=m_s)
+    m_d = m_i[:, None] & (o_j < BC)[None, :]
+    tl.store(Akk + o_row[:, None] + r + o_j[None, :], b_Akk_d, mask=m_d)
+    tl.store(Aqk + o_row[:, None] + r + o_j[None, :], cast_to(b_Aqk_d, Aqk.dtype.element_ty, EXACT_ROUNDING),
+             mask=m_d)
 
 
-@triton.jit(do_not_specialize=["T", "HV", "K", "V", "GROUP", "NT"])
+@triton.jit(do_not_specialize=["T", "HV", "GROUP", "NT"])
 def _kda_chunk_wu_kernel(
     q, k, v, g, beta, Akk, w, u, qg, kg, gl, chunk_indices, cu_seqlens,
-    scale, T, HV, K, V, GROUP, NT,
+    scale, T, HV, K, V, GROUP, NT, KS, VS,
     s_q_b, s_q_t, s_q_h, s_q_k,
     s_k_b, s_k_t, s_k_h, s_k_k,
     s_v_b, s_v_t, s_v_h, s_v_v,
     s_g_b, s_g_t, s_g_h, s_g_k,
     s_b_b, s_b_t, s_b_h,
-    BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+    BT: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
     IS_VARLEN: tl.constexpr, USE_QK_L2NORM: tl.constexpr, DOT_PREC: tl.constexpr,
     EXACT_ROUNDING: tl.constexpr,
 ):
@@ -198,18 +206,31 @@ def _kda_chunk_wu_kernel(
     t_t = tl.where(m_t, t0 + o_t, bos)
     o_row = (row_base + t_t) * HV + i_hv  # row of the token-indexed intermediates
 
-    # Y = (I + Akk)^-1 by forward substitution on Z = Y - I:
-    # Z[i] = -Akk[i] + sum_j (-Akk[i, j]) Z[j]   (rows j < i already final; Akk[i, j >= i] = 0)
-    # [BT, BT]
-    b_A = -tl.load(Akk + o_row[:, None] * BT + o_t[None, :], mask=m_t[:, None], other=0.0)
-    for i in range(1, BT):
-        m_r = (t0 + i) < eos
-        # [BT]
-        b_a = -tl.load(Akk + (o_row * 0 + (row_base + t0 + i) * HV + i_hv) * BT + o_t,
-                       mask=m_r & (o_t < i), other=0.0)
-        b_a = b_a + tl.sum(b_a[:, None] * b_A, 0)
-        b_A = tl.where((o_t == i)[:, None], b_a[None, :], b_A)
-    b_A += tl.where(o_t[:, None] == o_t[None, :], 1.0, 0.0)
+    # Y = (I + Akk)^-1, blockwise. Akk = Ad + Ao, Ad its BC x BC diagonal blocks, Ao the rest.
+    # 1. Yd = (I + Ad)^-1 by forward substitution on Z = Yd - I inside each diagonal block:
+    #    Z[i] = -Ad[i] + sum_j (-Ad[i, j]) Z[j] (rows j < i of the block already final), row ii of
+    #    every block in one step (their entries lie in disjoint columns, so one vector holds them).
+    # 2. I + Akk = (I + Ad)(I + N) with N = Yd Ao strictly lower by blocks (N^4 = 0), so
+    #    Y = (I + N)^-1 Yd = (I - N)(I + N^2) Yd.
+    o_blk = o_t // BC
+    m_same = o_blk[:, None] == o_blk[None, :]
+    # [BT, BT] Akk, strictly lower (rows past the sequence's end are 0)
+    b_Akk = tl.load(Akk + o_row[:, None] * BT + o_t[None, :], mask=m_t[:, None], other=0.0)
+    b_Akk = tl.where(o_t[:, None] > o_t[None, :], b_Akk, 0.0)
+    b_Z = tl.where(m_same, -b_Akk, 0.0)
+    b_nAd = b_Z  # -Ad (b_Z is overwritten row by row below)
+    for ii in range(1, BC):
+        m_r = (o_t % BC) == ii
+        # [BT] row ii of every block of -Ad
+        b_a = tl.sum(tl.where(m_r[:, None], b_nAd, 0.0), 0)
+        b_a = b_a + tl.sum(b_a[:, None] * b_Z, 0)
+        b_Z = tl.where(m_r[:, None] & m_same, b_a[None, :], b_Z)
+    b_I = tl.where(o_t[:, None] == o_t[None, :], 1.0, 0.0)
+    b_Yd = b_Z + b_I
+    b_N = tl.dot(b_Yd, tl.where(m_same, 0.0, b_Akk), input_precision=DOT_PREC)
+    b_N2 = tl.dot(b_N, b_N, input_precision=DOT_PREC)
+    b_P = b_I - b_N + b_N2 - tl.dot(b_N, b_N2, input_precision=DOT_PREC)
+    b_A = tl.dot(b_P, b_Yd, input_precision=DOT_PREC)
 
     # [BT]
     b_beta = tl.load(beta + i_b * s_b_b + i_hv * s_b_h + t_t * s_b_t, mask=m_t, other=0.0).to(tl.float32)
@@ -251,11 +272,14 @@ def _kda_chunk_wu_kernel(
         b_g1 = tl.load(p_g1 + o_k[None, :] * s_g_k, mask=m_t1[:, None] & m_k[None, :], other=0.0).to(tl.float32)
         # exp(G_last - G_i) as exp(sum_{s=i+1}^{last} g_s): a sum, not a difference of cumulative sums
         b_kg = b_k * tl.exp(tl.cumsum(b_g1, 0, reverse=True))
-        p_out = o_row[:, None] * K + o_k[None, :]
-        tl.store(w + p_out, cast_to(b_w, w.dtype.element_ty, EXACT_ROUNDING), mask=m_tk)
-        tl.store(qg + p_out, cast_to(b_qg, qg.dtype.element_ty, EXACT_ROUNDING), mask=m_tk)
-        tl.store(kg + p_out, cast_to(b_kg, kg.dtype.element_ty, EXACT_ROUNDING), mask=m_tk)
-        tl.store(gl + (i_slot * HV + i_hv) * K + o_k, tl.exp(b_Gl), mask=m_k)
+        # the padding columns [K, KS) are written too (zeros: k, q and g load as 0 there), so the
+        # state kernel reads whole 16-column groups with vector loads
+        p_out = o_row[:, None] * KS + o_k[None, :]
+        m_out = m_t[:, None] & (o_k < KS)[None, :]
+        tl.store(w + p_out, cast_to(b_w, w.dtype.element_ty, EXACT_ROUNDING), mask=m_out)
+        tl.store(qg + p_out, cast_to(b_qg, qg.dtype.element_ty, EXACT_ROUNDING), mask=m_out)
+        tl.store(kg + p_out, cast_to(b_kg, kg.dtype.element_ty, EXACT_ROUNDING), mask=m_out)
+        tl.store(gl + (i_slot * HV + i_hv) * KS + o_k, tl.exp(b_Gl), mask=o_k < KS)
 
     p_v = v + i_b * s_v_b + i_hv * s_v_h + t_t[:, None] * s_v_t
     for i_v in range(0, tl.cdiv(V, BV)):
@@ -264,18 +288,74 @@ def _kda_chunk_wu_kernel(
         # [BT, BV]
         b_v = tl.load(p_v + o_v[None, :] * s_v_v, mask=m_tv, other=0.0).to(tl.float32)
         b_u = tl.dot(b_A, b_v * b_beta[:, None], input_precision=DOT_PREC)
-        tl.store(u + o_row[:, None] * V + o_v[None, :], cast_to(b_u, u.dtype.element_ty, EXACT_ROUNDING), mask=m_tv)
+        # padding columns [V, VS) hold zeros
+        tl.store(u + o_row[:, None] * VS + o_v[None, :], cast_to(b_u, u.dtype.element_ty, EXACT_ROUNDING),
+                 mask=m_t[:, None] & (o_v < VS)[None, :])
+
+
+@triton.jit
+def _load_cols(p, o_row, m_t, i_k, KS, BKS: tl.constexpr):
+    """[BT, BKS]: columns [i_k BKS, (i_k + 1) BKS) of the rows o_row of a KS-wide intermediate."""
+    o_k = i_k * BKS + tl.arange(0, BKS)
+    return tl.load(p + o_row[:, None] * KS + o_k[None, :], mask=m_t[:, None] & (o_k < KS)[None, :], other=0.0)
+
+
+@triton.jit
+def _out_dot(b_o, qg, o_row, m_t, i_k, KS, b_h, DO: tl.constexpr, UPCAST: tl.constexpr,
+             DOT_PREC: tl.constexpr, BKS: tl.constexpr):
+    """b_o + (q exp(G))[:, block i_k] S[block i_k, :], in the output path's operand dtype DO."""
+    # [BT, BKS]
+    b_qg = _load_cols(qg, o_row, m_t, i_k, KS, BKS)
+    # [BKS, BV]
+    b_ho = b_h.to(DO)
+    if UPCAST:
+        b_qg, b_ho = b_qg.to(tl.float32), b_ho.to(tl.float32)
+    return tl.dot(b_qg, b_ho, b_o, input_precision=DOT_PREC)
+
+
+@triton.jit
+def _load_block(h0, i_k, i_n, i_hv, o_v, K, V, s_n, s_h, s_k, s_v,
+                BKS: tl.constexpr, BV: tl.constexpr, USE_INITIAL_STATE: tl.constexpr):
+    """[BKS, BV]: state rows block i_k of initial_state (zeros without one)."""
+    o_k = i_k * BKS + tl.arange(0, BKS)
+    return load_state(h0, i_n, i_hv, o_k, o_v, (o_k < K)[:, None] & (o_v < V)[None, :],
+                      s_n, s_h, s_k, s_v, BKS, BV, USE_INITIAL_STATE)
+
+
+@triton.jit
+def _store_block(ht, b_h, i_k, i_n, i_hv, o_v, HV, K, V, BKS: tl.constexpr):
+    """Write state rows block i_k to the final state."""
+    o_k = i_k * BKS + tl.arange(0, BKS)
+    store_state(ht, b_h, i_n, i_hv, o_k, o_v, (o_k < K)[:, None] & (o_v < V)[None, :], HV, K, V)
+
+
+@triton.jit
+def _load_decay(gl, g_row, i_k, KS, BKS: tl.constexpr):
+    """[BKS]: block i_k of the chunk's total decay exp(G_last)."""
+    o_k = i_k * BKS + tl.arange(0, BKS)
+    return tl.load(gl + g_row + o_k, mask=o_k < KS, other=0.0)
+
+
+@triton.jit
+def _state_step(b_h, b_gl, kg, o_row, m_t, i_k, KS, b_U, DOT_PREC: tl.constexpr, BKS: tl.constexpr):
+    """State rows block i_k at the chunk's end: diag(exp(G_last)) S + (k exp(G_last - G))^T U."""
+    # [BT, BKS]
+    b_kg = _load_cols(kg, o_row, m_t, i_k, KS, BKS)
+    return b_h * b_gl[:, None] + tl.dot(tl.trans(b_kg), b_U, input_precision=DOT_PREC)
 
 
 @triton.jit(do_not_specialize=["T", "HV", "K", "V", "NT"])
 def _kda_chunk_fwd_kernel(
     w, u, qg, kg, gl, Aqk, o, h0, ht, cu_seqlens, chunk_offsets,
-    T, HV, K, V, NT,
+    T, HV, K, V, NT, KS, VS,
     s_h0_n, s_h0_h, s_h0_k, s_h0_v,
-    BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+    BT: tl.constexpr, BKS: tl.constexpr, NK: tl.constexpr, BV: tl.constexpr,
     USE_INITIAL_STATE: tl.constexpr, STORE_FINAL_STATE: tl.constexpr, IS_VARLEN: tl.constexpr,
     UPCAST: tl.constexpr, DOT_PREC: tl.constexpr, EXACT_ROUNDING: tl.constexpr,
 ):
+    """The state [K, V tile] is held as NK (1, 2 or 4) row blocks of BKS rows, each a tensor of its
+    own, so every dot works on one block and only one block's operand is live at a time (a single
+    [BK, BV] state with BK = 128 spilled registers)."""
     i_v, i_nh = tl.program_id(0).to(tl.int64), tl.program_id(1).to(tl.int64)
     i_n, i_hv = i_nh // HV, i_nh % HV
     if IS_VARLEN:
@@ -291,70 +371,96 @@ def _kda_chunk_fwd_kernel(
     DO = qg.dtype.element_ty  # operand dtype of the output dots
 
     o_t = tl.arange(0, BT)
-    o_k = tl.arange(0, BK)
     o_v = i_v * BV + tl.arange(0, BV)
-    m_k = o_k < K
     m_v = o_v < V
-    m_h = m_k[:, None] & m_v[None, :]
-
-    # [BK, BV]
-    b_h = load_state(h0, i_n, i_hv, o_k, o_v, m_h, s_h0_n, s_h0_h, s_h0_k, s_h0_v, BK, BV, USE_INITIAL_STATE)
+    # [BKS, BV] state row blocks
+    b_h1 = _load_block(h0, 0, i_n, i_hv, o_v, K, V, s_h0_n, s_h0_h, s_h0_k, s_h0_v, BKS, BV, USE_INITIAL_STATE)
+    if NK >= 2:
+        b_h2 = _load_block(h0, 1, i_n, i_hv, o_v, K, V, s_h0_n, s_h0_h, s_h0_k, s_h0_v, BKS, BV, USE_INITIAL_STATE)
+    if NK >= 4:
+        b_h3 = _load_block(h0, 2, i_n, i_hv, o_v, K, V, s_h0_n, s_h0_h, s_h0_k, s_h0_v, BKS, BV, USE_INITIAL_STATE)
+        b_h4 = _load_block(h0, 3, i_n, i_hv, o_v, K, V, s_h0_n, s_h0_h, s_h0_k, s_h0_v, BKS, BV, USE_INITIAL_STATE)
 
     for i_t in range(0, tl.cdiv(eos - bos, BT)):
         t0 = bos + i_t * BT
         m_t = (t0 + o_t) < eos
         o_row = (row_base + tl.where(m_t, t0 + o_t, bos)) * HV + i_hv
-        m_tk = m_t[:, None] & m_k[None, :]
-        m_tv = m_t[:, None] & m_v[None, :]
-        # [BT, BK]
-        b_w = tl.load(w + o_row[:, None] * K + o_k[None, :], mask=m_tk, other=0.0)
-        b_kg = tl.load(kg + o_row[:, None] * K + o_k[None, :], mask=m_tk, other=0.0)
-        b_qg = tl.load(qg + o_row[:, None] * K + o_k[None, :], mask=m_tk, other=0.0)
-        # [BT, BV]
-        b_u = tl.load(u + o_row[:, None] * V + o_v[None, :], mask=m_tv, other=0.0).to(tl.float32)
-        # [BT, BT]
-        b_Aqk = tl.load(Aqk + o_row[:, None] * BT + o_t[None, :], mask=m_t[:, None], other=0.0)
-        # [BK]
-        b_gl = tl.load(gl + ((slot0 + i_t) * HV + i_hv) * K + o_k, mask=m_k, other=0.0)
+        g_row = ((slot0 + i_t) * HV + i_hv) * KS
+        # [BKS] exp(G_last), loaded first: these loads stay synchronous when the others pipeline
+        b_gl1 = _load_decay(gl, g_row, 0, KS, BKS)
+        if NK >= 2:
+            b_gl2 = _load_decay(gl, g_row, 1, KS, BKS)
+        if NK >= 4:
+            b_gl3 = _load_decay(gl, g_row, 2, KS, BKS)
+            b_gl4 = _load_decay(gl, g_row, 3, KS, BKS)
         # state path (U and the state update) in float32 operands at DOT_PREC; the output path in
         # DO (bf16 for bf16 inputs: tensor cores; float32 otherwise)
-        # [BT, BV] the chunk's deltas: U = u - w S
-        b_U = b_u - tl.dot(b_w, b_h, input_precision=DOT_PREC)
-        b_ho = b_h.to(DO)
+        # [BT, BV] the chunk's deltas: U = u - w S, one state row block at a time
+        b_ws = tl.dot(_load_cols(w, o_row, m_t, 0, KS, BKS), b_h1, input_precision=DOT_PREC)
+        if NK >= 2:
+            b_ws = tl.dot(_load_cols(w, o_row, m_t, 1, KS, BKS), b_h2, b_ws, input_precision=DOT_PREC)
+        if NK >= 4:
+            b_ws = tl.dot(_load_cols(w, o_row, m_t, 2, KS, BKS), b_h3, b_ws, input_precision=DOT_PREC)
+            b_ws = tl.dot(_load_cols(w, o_row, m_t, 3, KS, BKS), b_h4, b_ws, input_precision=DOT_PREC)
+        b_u = tl.load(u + o_row[:, None] * VS + o_v[None, :], mask=m_t[:, None] & (o_v < VS)[None, :], other=0.0)
+        b_U = b_u.to(tl.float32) - b_ws
+
+        # [BT, BV] o = (q exp(G)) S + Aqk U
+        # [BT, BT]
+        b_Aqk = tl.load(Aqk + o_row[:, None] * BT + o_t[None, :], mask=m_t[:, None], other=0.0)
         b_Uo = b_U.to(DO)
         if UPCAST:
-            b_qg, b_Aqk = b_qg.to(tl.float32), b_Aqk.to(tl.float32)
-            b_ho, b_Uo = b_ho.to(tl.float32), b_Uo.to(tl.float32)
-        b_o = tl.dot(b_qg, b_ho, input_precision=DOT_PREC) + tl.dot(b_Aqk, b_Uo, input_precision=DOT_PREC)
+            b_Aqk, b_Uo = b_Aqk.to(tl.float32), b_Uo.to(tl.float32)
+        b_o = tl.dot(b_Aqk, b_Uo, input_precision=DOT_PREC)
+        b_o = _out_dot(b_o, qg, o_row, m_t, 0, KS, b_h1, DO, UPCAST, DOT_PREC, BKS)
+        if NK >= 2:
+            b_o = _out_dot(b_o, qg, o_row, m_t, 1, KS, b_h2, DO, UPCAST, DOT_PREC, BKS)
+        if NK >= 4:
+            b_o = _out_dot(b_o, qg, o_row, m_t, 2, KS, b_h3, DO, UPCAST, DOT_PREC, BKS)
+            b_o = _out_dot(b_o, qg, o_row, m_t, 3, KS, b_h4, DO, UPCAST, DOT_PREC, BKS)
         # o is contiguous [B, T, HV, V]: its row index equals the intermediates'
-        tl.store(o + o_row[:, None] * V + o_v[None, :], cast_to(b_o, o.dtype.element_ty, EXACT_ROUNDING), mask=m_tv)
-        b_h = b_h * b_gl[:, None] + tl.dot(tl.trans(b_kg), b_U, input_precision=DOT_PREC)
+        tl.store(o + o_row[:, None] * V + o_v[None, :], cast_to(b_o, o.dtype.element_ty, EXACT_ROUNDING),
+                 mask=m_t[:, None] & m_v[None, :])
+
+        b_h1 = _state_step(b_h1, b_gl1, kg, o_row, m_t, 0, KS, b_U, DOT_PREC, BKS)
+        if NK >= 2:
+            b_h2 = _state_step(b_h2, b_gl2, kg, o_row, m_t, 1, KS, b_U, DOT_PREC, BKS)
+        if NK >= 4:
+            b_h3 = _state_step(b_h3, b_gl3, kg, o_row, m_t, 2, KS, b_U, DOT_PREC, BKS)
+            b_h4 = _state_step(b_h4, b_gl4, kg, o_row, m_t, 3, KS, b_U, DOT_PREC, BKS)
 
     if STORE_FINAL_STATE:
-        store_state(ht, b_h, i_n, i_hv, o_k, o_v, m_h, HV, K, V)
+        _store_block(ht, b_h1, 0, i_n, i_hv, o_v, HV, K, V, BKS)
+        if NK >= 2:
+            _store_block(ht, b_h2, 1, i_n, i_hv, o_v, HV, K, V, BKS)
+        if NK >= 4:
+            _store_block(ht, b_h3, 2, i_n, i_hv, o_v, HV, K, V, BKS)
+            _store_block(ht, b_h4, 3, i_n, i_hv, o_v, HV, K, V, BKS)
 
 
-def _launch_config(K: int, V: int) -> dict:
-    """One config from the head dims. BV tiles the state kernel; BK_I / BK_W / BV_W block the
-    intra-chunk kernels' head-dim loops. Every dot dimension is at least 16 (the GPU's minimum)."""
+def _launch_config(K: int, V: int, bf16_out_path: bool) -> dict:
+    """One config from the head dims and the output path's dtype. BV tiles the state kernel;
+    BK_I / BK_W / BV_W block the intra-chunk kernels' head-dim loops. Every dot dimension is at
+    least 16 (the GPU's minimum)."""
     BK = dot_dim(K)
-    # The state kernel runs BV = 64, unpipelined, whatever V is: on the GPU (H100 and H200, Triton
-    # 3.6) every narrower V tile tried (16, 32; 1 or 2 stages) gave an illegal address or wrong
-    # output on some shapes (K = 33 / V = 20 varlen, K = 64, K = 149, K = 255), while BV = 64 with
-    # 1 stage passed all of them; the cause is not understood. Known so far (H100, the bench
-    # shape): the interpreter computes BV 16 and 32 correctly; BV 32 faults with 4 warps as with
-    # 8; it runs correctly with plain tf32 or ieee state dots (dot_prec config key) and faults
-    # with 3xTF32, Triton's or written out as three tf32 dots on a hi/lo split. Moving the output
-    # (the two bf16 dots) to a kernel of its own does not cure it: with the state path alone,
-    # BV 32 ran the bench shape correctly (15.1 ms in all against 18.0 with BV 64) but faulted in
-    # the fuzzed GPU tests (illegal memory access; H100). One stage also
-    # keeps K = 256 with the float32 output path (fp16/fp32 inputs) inside shared memory.
-    # The intra-chunk kernel runs 2 warps and the WY/UT kernel K steps of 32 (H100, T = 32768,
-    # H = HV = 16, K = V = 128, bf16: 17.0 ms in all against 21.6 ms with 4 warps / BK 64; alone,
-    # 2 intra warps 19.0 ms, BK_W 32 19.5 ms; 1 or 8 intra warps, 2 or 8 WY/UT warps and BV_W 32
-    # were slower or no faster).
-    return dict(BV=64, warps_fwd=4 if BK <= 64 else 8, stages_fwd=1,
-                BK_I=min(BK, 64), warps_intra=2, BK_W=min(BK, 32), BV_W=max(16, min(pow2(V), 64)), warps_wu=4)
+    # The state kernel runs BV = 64 whatever V is: on the GPU (H100 and H200, Triton 3.6) every
+    # narrower V tile tried (16, 32; 1 or 2 stages) gave an illegal address or wrong output on
+    # some shapes (K = 33 / V = 20 varlen, K = 64, K = 149, K = 255), while BV = 64 passed all of
+    # them; the cause is not understood. Known so far (H100, the bench shape): the interpreter
+    # computes BV 16 and 32 correctly; BV 32 faults with 4 warps as with 8, with the state held
+    # whole or in row blocks of 64; it runs correctly with plain tf32 or ieee state dots
+    # (dot_prec config key) and faults with 3xTF32, Triton's or written out as three tf32 dots on
+    # a hi/lo split. Moving the output (the two bf16 dots) to a kernel of its own does not cure
+    # it: with the state path alone, BV 32 ran the bench shape correctly but faulted in the fuzzed
+    # GPU tests (illegal memory access; H100).
+    # Two stages (the next chunk's tiles copied in while this one computes) fit in shared memory
+    # with the bf16 output path up to K = 128 (164 KiB there); fp16 and fp32 inputs keep a float32
+    # output path and one stage. H100, T = 32768, H = HV = 16, K = V = 128, bf16: 13.4 ms against
+    # 14.2 ms with one stage.
+    # The intra-chunk kernel runs 2 warps and the WY/UT kernel K steps of 32 (same shape: 4 intra
+    # warps 16.6 ms against 14.2 ms; BK_W 64 14.5; 8 WY/UT warps 16.4; 4 state warps 14.2).
+    return dict(BV=64, warps_fwd=4 if BK <= 64 else 8, stages_fwd=2 if bf16_out_path and BK <= 128 else 1,
+                BK_I=16, warps_intra=2, BK_W=min(BK, 32), BV_W=max(16, min(pow2(V), 64)), warps_wu=4)
 
 
 def dot_dim(n: int) -> int:
@@ -405,7 +511,7 @@ def chunk_kda(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor
         return fused_recurrent_kda(q, k, v, g, beta, scale=scale, initial_state=initial_state,
                                    output_final_state=output_final_state, cu_seqlens=cu_seqlens,
                                    use_qk_l2norm=use_qk_l2norm)
-    cfg = _launch_config(d.K, d.V)
+    cfg = _launch_config(d.K, d.V, q.dtype == torch.bfloat16)
     if config is not None:
         cfg.update(config)
     dev = q.device
@@ -433,13 +539,15 @@ def chunk_kda(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor
     f32 = torch.float32
     o_path = torch.bfloat16 if q.dtype == torch.bfloat16 else f32
     dot_prec = cfg.get("dot_prec", "ieee" if q.dtype == f32 else "tf32x3")
+    # row widths of the intermediates, padded to 16 columns so the state kernel's loads vectorise
+    KS, VS = triton.cdiv(K, 16) * 16, triton.cdiv(V, 16) * 16
     Akk = torch.empty((rows, HV, BT), dtype=f32, device=dev)
     Aqk = torch.empty((rows, HV, BT), dtype=o_path, device=dev)
-    w = torch.empty((rows, HV, K), dtype=f32, device=dev)
-    qg = torch.empty((rows, HV, K), dtype=o_path, device=dev)
-    kg = torch.empty((rows, HV, K), dtype=f32, device=dev)
-    u = torch.empty((rows, HV, V), dtype=f32, device=dev)
-    gl = torch.empty((n_slots, HV, K), dtype=torch.float32, device=dev)
+    w = torch.empty((rows, HV, KS), dtype=f32, device=dev)
+    qg = torch.empty((rows, HV, KS), dtype=o_path, device=dev)
+    kg = torch.empty((rows, HV, KS), dtype=f32, device=dev)
+    u = torch.empty((rows, HV, VS), dtype=f32, device=dev)
+    gl = torch.empty((n_slots, HV, KS), dtype=torch.float32, device=dev)
     o = torch.empty((B, T, HV, V), dtype=q.dtype, device=dev)
     ht = torch.empty((N, HV, K, V), dtype=torch.float32, device=dev) if output_final_state else None
     dummy = o
@@ -456,9 +564,9 @@ def chunk_kda(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor
     )
     _kda_chunk_wu_kernel[(NT, grid_cols)](
         q, k, v, g, beta, Akk, w, u, qg, kg, gl, ci, cs,
-        d.scale, T, HV, K, V, HV // d.H, NT,
+        d.scale, T, HV, K, V, HV // d.H, NT, KS, VS,
         *q.stride(), *k.stride(), *v.stride(), *g.stride(), *beta.stride(),
-        BT=BT, BK=cfg["BK_W"], BV=cfg["BV_W"], IS_VARLEN=is_varlen, USE_QK_L2NORM=use_qk_l2norm,
+        BT=BT, BC=BC, BK=cfg["BK_W"], BV=cfg["BV_W"], IS_VARLEN=is_varlen, USE_QK_L2NORM=use_qk_l2norm,
         DOT_PREC=dot_prec, EXACT_ROUNDING=exact, num_warps=cfg["warps_wu"],
     )
     h0 = initial_state if initial_state is not None else dummy
@@ -467,9 +575,10 @@ def chunk_kda(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor
     _kda_chunk_fwd_kernel[(triton.cdiv(V, BV), N * HV)](
         w, u, qg, kg, gl, Aqk, o, h0, ht if ht is not None else dummy, cs,
         chunk_offsets if is_varlen else dummy,
-        T, HV, K, V, NT, *h0_strides,
-        BT=BT, BK=dot_dim(K), BV=BV, USE_INITIAL_STATE=initial_state is not None,
-        STORE_FINAL_STATE=output_final_state, IS_VARLEN=is_varlen,
+        T, HV, K, V, NT, KS, VS, *h0_strides,
+        BT=BT, BKS=min(dot_dim(K), 64), NK=max(1, dot_dim(K) // 64),
+        BV=BV, USE_INITIAL_STATE=initial_state is not None, STORE_FINAL_STATE=output_final_state,
+        IS_VARLEN=is_varlen,
         UPCAST=exact and o_path != f32, DOT_PREC=dot_prec, EXACT_ROUNDING=exact,
         num_warps=cfg["warps_fwd"], num_stages=cfg["stages_fwd"],
     )

@@ -32,8 +32,8 @@ decay_after_update_recurrent = _entry(
      "        b_h += b_k[:, None] * b_u[None, :]\n        b_h = b_h * tl.exp(b_g)[:, None]\n"))
 decay_after_update_chunk = _entry(
     "decay_after_update_chunk", CHUNK,
-    ("b_h = b_h * b_gl[:, None] + tl.dot(tl.trans(b_kg), b_U, input_precision=DOT_PREC)",
-     "b_h = (b_h + tl.dot(tl.trans(b_kg), b_U, input_precision=DOT_PREC)) * b_gl[:, None]"))
+    ("return b_h * b_gl[:, None] + tl.dot(tl.trans(b_kg), b_U, input_precision=DOT_PREC)",
+     "return (b_h + tl.dot(tl.trans(b_kg), b_U, input_precision=DOT_PREC)) * b_gl[:, None]"))
 
 # varlen: each sequence's program starts at the first token of the pack, so the state carries
 # the previous sequences' tokens instead of resetting at the boundary
@@ -64,10 +64,10 @@ l2norm_skipped = _entry(
     "l2norm_skipped", RECURRENT,
     ("        if USE_QK_L2NORM:\n            b_q = b_q / tl.sqrt", "        if False:\n            b_q = b_q / tl.sqrt"))
 
-# the initial state is read but not used
+# the state kernel starts from zeros: the initial state is never read
 initial_state_ignored = _entry(
     "initial_state_ignored", CHUNK,
-    ("b_h = load_state(h0,", "b_h = 0.0 * load_state(h0,"))
+    ("BV=BV, USE_INITIAL_STATE=initial_state is not None,", "BV=BV, USE_INITIAL_STATE=False,"))
 
 # T == 0 returns zeros instead of the initial state
 empty_drops_initial_state = _entry(
