@@ -152,8 +152,8 @@ def main():
             configs = [None]
             if args.sweep:
                 # single changes to the default
-                configs += [dict(warps_intra=4), dict(BK_I=32), dict(BK_W=16), dict(warps_wu=8),
-                            dict(warps_fwd=4), dict(stages_fwd=1)]
+                configs += [dict(BV=16), dict(BV=64, warps_fwd=8, o_tf32=False), dict(stages_fwd=1),
+                            dict(warps_intra=4), dict(BK_W=16), dict(BV_W=64)]
             fla_ms = None
             if fla is not None:
                 fkw = dict(scale=scale, output_final_state=True, use_qk_l2norm_in_kernel=True,

@@ -302,7 +302,7 @@ def _load_cols(p, o_row, m_t, i_k, KS, BKS: tl.constexpr):
 
 @triton.jit
 def _out_dot(b_o, qg, o_row, m_t, i_k, KS, b_h, DO: tl.constexpr, UPCAST: tl.constexpr,
-             DOT_PREC: tl.constexpr, BKS: tl.constexpr):
+             O_PREC: tl.constexpr, BKS: tl.constexpr):
     """b_o + (q exp(G))[:, block i_k] S[block i_k, :], in the output path's operand dtype DO."""
     # [BT, BKS]
     b_qg = _load_cols(qg, o_row, m_t, i_k, KS, BKS)
@@ -310,7 +310,7 @@ def _out_dot(b_o, qg, o_row, m_t, i_k, KS, b_h, DO: tl.constexpr, UPCAST: tl.con
     b_ho = b_h.to(DO)
     if UPCAST:
         b_qg, b_ho = b_qg.to(tl.float32), b_ho.to(tl.float32)
-    return tl.dot(b_qg, b_ho, b_o, input_precision=DOT_PREC)
+    return tl.dot(b_qg, b_ho, b_o, input_precision=O_PREC)
 
 
 @triton.jit
@@ -351,7 +351,7 @@ def _kda_chunk_fwd_kernel(
     s_h0_n, s_h0_h, s_h0_k, s_h0_v,
     BT: tl.constexpr, BKS: tl.constexpr, NK: tl.constexpr, BV: tl.constexpr,
     USE_INITIAL_STATE: tl.constexpr, STORE_FINAL_STATE: tl.constexpr, IS_VARLEN: tl.constexpr,
-    UPCAST: tl.constexpr, DOT_PREC: tl.constexpr, EXACT_ROUNDING: tl.constexpr,
+    UPCAST: tl.constexpr, DOT_PREC: tl.constexpr, O_PREC: tl.constexpr, EXACT_ROUNDING: tl.constexpr,
 ):
     """The state [K, V tile] is held as NK (1, 2 or 4) row blocks of BKS rows, each a tensor of its
     own, so every dot works on one block and only one block's operand is live at a time (a single
@@ -411,13 +411,13 @@ def _kda_chunk_fwd_kernel(
         b_Uo = b_U.to(DO)
         if UPCAST:
             b_Aqk, b_Uo = b_Aqk.to(tl.float32), b_Uo.to(tl.float32)
-        b_o = tl.dot(b_Aqk, b_Uo, input_precision=DOT_PREC)
-        b_o = _out_dot(b_o, qg, o_row, m_t, 0, KS, b_h1, DO, UPCAST, DOT_PREC, BKS)
+        b_o = tl.dot(b_Aqk, b_Uo, input_precision=O_PREC)
+        b_o = _out_dot(b_o, qg, o_row, m_t, 0, KS, b_h1, DO, UPCAST, O_PREC, BKS)
         if NK >= 2:
-            b_o = _out_dot(b_o, qg, o_row, m_t, 1, KS, b_h2, DO, UPCAST, DOT_PREC, BKS)
+            b_o = _out_dot(b_o, qg, o_row, m_t, 1, KS, b_h2, DO, UPCAST, O_PREC, BKS)
         if NK >= 4:
-            b_o = _out_dot(b_o, qg, o_row, m_t, 2, KS, b_h3, DO, UPCAST, DOT_PREC, BKS)
-            b_o = _out_dot(b_o, qg, o_row, m_t, 3, KS, b_h4, DO, UPCAST, DOT_PREC, BKS)
+            b_o = _out_dot(b_o, qg, o_row, m_t, 2, KS, b_h3, DO, UPCAST, O_PREC, BKS)
+            b_o = _out_dot(b_o, qg, o_row, m_t, 3, KS, b_h4, DO, UPCAST, O_PREC, BKS)
         # o is contiguous [B, T, HV, V]: its row index equals the intermediates'
         tl.store(o + o_row[:, None] * V + o_v[None, :], cast_to(b_o, o.dtype.element_ty, EXACT_ROUNDING),
                  mask=m_t[:, None] & m_v[None, :])
@@ -443,24 +443,23 @@ def _launch_config(K: int, V: int, bf16_out_path: bool) -> dict:
     BK_I / BK_W / BV_W block the intra-chunk kernels' head-dim loops. Every dot dimension is at
     least 16 (the GPU's minimum)."""
     BK = dot_dim(K)
-    # The state kernel runs BV = 64 whatever V is: on the GPU (H100 and H200, Triton 3.6) every
-    # narrower V tile tried (16, 32; 1 or 2 stages) gave an illegal address or wrong output on
-    # some shapes (K = 33 / V = 20 varlen, K = 64, K = 149, K = 255), while BV = 64 passed all of
-    # them; the cause is not understood. Known so far (H100, the bench shape): the interpreter
-    # computes BV 16 and 32 correctly; BV 32 faults with 4 warps as with 8, with the state held
-    # whole or in row blocks of 64; it runs correctly with plain tf32 or ieee state dots
-    # (dot_prec config key) and faults with 3xTF32, Triton's or written out as three tf32 dots on
-    # a hi/lo split. Moving the output (the two bf16 dots) to a kernel of its own does not cure
-    # it: with the state path alone, BV 32 ran the bench shape correctly but faulted in the fuzzed
-    # GPU tests (illegal memory access; H100).
+    # The state kernel is sequential over chunks and runs one program per (sequence, value head,
+    # V tile): narrow V tiles buy parallelism. BV = 32 with 4 warps (H100, T = 32768, H = 16,
+    # K = V = 128, bf16): HV 16 9.9 ms, HV 32 15.8 ms, against 12.1 / 17.9 with BV = 64 and 8 warps
+    # (BV 16: 9.2 / 16.0; BV 32 on 8 warps: 11.1 / 17.0).
+    # Narrow tiles need o_tf32: Triton 3.6 miscompiles the bf16 output dots whose B operand is a
+    # [64, BV < 64] bf16 tile converted from registers (b_h.to(DO)): with 8 warps compute-sanitizer
+    # reports an out-of-bounds shared read there, with 4 warps o comes out wrong (NaN) while the
+    # float32 state is right. With o_tf32 the same bf16-rounded operands are upcast to float32 and
+    # multiplied as tf32 (exact on bf16 values, so o is unchanged) and both are correct.
     # Two stages (the next chunk's tiles copied in while this one computes) fit in shared memory
-    # with the bf16 output path up to K = 128 (164 KiB there); fp16 and fp32 inputs keep a float32
-    # output path and one stage. H100, T = 32768, H = HV = 16, K = V = 128, bf16: 13.4 ms against
-    # 14.2 ms with one stage.
-    # The intra-chunk kernel runs 2 warps and the WY/UT kernel K steps of 32 (same shape: 4 intra
-    # warps 16.6 ms against 14.2 ms; BK_W 64 14.5; 8 WY/UT warps 16.4; 4 state warps 14.2).
-    return dict(BV=64, warps_fwd=4 if BK <= 64 else 8, stages_fwd=2 if bf16_out_path and BK <= 128 else 1,
-                BK_I=16, warps_intra=2, BK_W=min(BK, 32), BV_W=max(16, min(pow2(V), 64)), warps_wu=4)
+    # with the bf16 output path up to K = 128 (136 KiB there); fp16 and fp32 inputs keep a float32
+    # output path and one stage (BV 32, one stage: 10.7 ms).
+    # The intra-chunk kernel runs 2 warps and K steps of 16 (4 warps: 13.1 ms against 12.5 with
+    # BV = 64 states); the WY/UT kernel K steps of 32 and V steps of 32 (BK_W 16: 12.7; BV_W 64:
+    # 12.5 against 12.1; 8 WY/UT warps: 14.5).
+    return dict(BV=32, o_tf32=True, warps_fwd=4, stages_fwd=2 if bf16_out_path and BK <= 128 else 1,
+                BK_I=16, warps_intra=2, BK_W=min(BK, 32), BV_W=max(16, min(pow2(V), 32)), warps_wu=4)
 
 
 def dot_dim(n: int) -> int:
@@ -572,6 +571,11 @@ def chunk_kda(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor
     h0 = initial_state if initial_state is not None else dummy
     h0_strides = initial_state.stride() if initial_state is not None else (0, 0, 0, 0)
     BV = cfg["BV"]
+    # output path operands: bf16 for bf16 inputs; upcast to float32 under the interpreter (its bf16
+    # arithmetic is unreliable) and with o_tf32, as tf32 dots (exact on bf16 values)
+    o_tf32 = cfg["o_tf32"] and not exact and o_path != f32
+    upcast = (exact and o_path != f32) or o_tf32
+    o_prec = "tf32" if o_tf32 else dot_prec
     _kda_chunk_fwd_kernel[(triton.cdiv(V, BV), N * HV)](
         w, u, qg, kg, gl, Aqk, o, h0, ht if ht is not None else dummy, cs,
         chunk_offsets if is_varlen else dummy,
@@ -579,7 +583,7 @@ def chunk_kda(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor
         BT=BT, BKS=min(dot_dim(K), 64), NK=max(1, dot_dim(K) // 64),
         BV=BV, USE_INITIAL_STATE=initial_state is not None, STORE_FINAL_STATE=output_final_state,
         IS_VARLEN=is_varlen,
-        UPCAST=exact and o_path != f32, DOT_PREC=dot_prec, EXACT_ROUNDING=exact,
+        UPCAST=upcast, DOT_PREC=dot_prec, O_PREC=o_prec, EXACT_ROUNDING=exact,
         num_warps=cfg["warps_fwd"], num_stages=cfg["stages_fwd"],
     )
     return o, ht
