@@ -83,11 +83,20 @@ def _store_tile(p_o, b_o, m_row, m_n, full):
 
 
 @triton.jit
-def _segment_tile(i_n, QK, VD, NT_K, NT_V, BN: tl.constexpr):
+def _divmod_small(n, d, inv_d):
+    """(n // d, n % d) for int32 0 <= n < 2^20 and d >= 1, with inv_d = float32(1 / d): a float
+    multiply instead of an integer division (~25 instructions, paid in every K step). Exact:
+    (n + 0.5) / d lies at least 0.5 / d from an integer, and the float error is below
+    (n / d) 2^-23 < 2^-3 / d."""
+    q = tl.cast((n * 1.0 + 0.5) * inv_d, tl.int32)
+    return q, n - q * d
+
+
+@triton.jit
+def _segment_tile(i_n, QK, VD, NT_K, NT_V, inv_nt, BN: tl.constexpr):
     # output tile i_n -> (head, K-nope or V segment, first column in the segment, segment width,
-    # first weight row)
-    i_h = i_n // (NT_K + NT_V)
-    i_r = i_n % (NT_K + NT_V)
+    # first weight row); inv_nt = 1 / (NT_K + NT_V)
+    i_h, i_r = _divmod_small(i_n, NT_K + NT_V, inv_nt)
     is_k = i_r < NT_K
     d0 = tl.where(is_k, i_r, i_r - NT_K) * BN
     seg = tl.where(is_k, QK, VD)
@@ -115,6 +124,7 @@ def _gather_kv_b_proj_kernel(
     cache, kv_indptr, kv_indices, cu_kv_lens, w, w_scale, kv_scale, k_out, v_out,
     # sizes (run time)
     total, B, n_search, block_size, L, P, QK, VD, NT_K, NT_V, N_OUT_TILES, N_STEPS, N_GROUPS, H,
+    inv_nk, inv_nt,
     # strides
     s_cb, s_cs, s_cd,
     s_wn, s_wl,
@@ -123,7 +133,7 @@ def _gather_kv_b_proj_kernel(
     s_vt, s_vh, s_vd,
     # block sizes and flags
     BT: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, BP: tl.constexpr, G: tl.constexpr,
-    W_SCALE_MODE: tl.constexpr, HAS_KV_SCALE: tl.constexpr, HAS_PE: tl.constexpr,
+    EVEN_K: tl.constexpr, W_SCALE_MODE: tl.constexpr, HAS_KV_SCALE: tl.constexpr, HAS_PE: tl.constexpr,
     DOT_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr, EXACT_ROUNDING: tl.constexpr,
 ):
     # program -> (token tile, steps i_g, i_g + N_GROUPS, ... of G output tiles each)
@@ -165,28 +175,42 @@ def _gather_kv_b_proj_kernel(
     # [BK], [BN]; int32 lane offsets added to int64 scalars/rows keep their contiguity
     o_k = tl.arange(0, BK)
     o_n = tl.arange(0, BN)
+    o_wn = o_n.to(tl.int64) * s_wn
     # G x [BT, BN] = [BT, L] x [L, BN]
     acc = ()
     for g in tl.static_range(G):
         acc = acc + (tl.zeros([BT, BN], dtype=tl.float32),)
     for it in range(0, n_mine * n_k):
-        i_s = i_g + (it // n_k) * N_GROUPS
-        k0 = (it % n_k) * BK
+        i_q, i_kk = _divmod_small(it, n_k, inv_nk)
+        i_s = i_g + i_q * N_GROUPS
+        k0 = i_kk * BK
         # [BK]
         m_k = (k0 + o_k) < L
-        # [BT, BK] gathered latent rows
+        # [BT, BK] gathered latent rows. Weight rows past the tile point at a valid weight row
+        # (o_wrow): a matmul keeps columns apart and those columns are never stored, so the
+        # weight load needs a mask only for a K tail (L not a multiple of BK); the per-element
+        # predicates made the main loop issue-bound. (Rows past the tile's tokens point at a
+        # valid cache row too, but without their mask Triton 3.6 fails to compile the fp8
+        # block-scale variant: "operand does not dominate this use".)
         p_a = cache + o_row[:, None] + (k0 + o_k)[None, :] * s_cd
-        b_a = tl.load(p_a, mask=m_row[:, None] & m_k[None, :], other=0.0)
+        if EVEN_K:
+            b_a = tl.load(p_a, mask=m_row[:, None], other=0.0)
+        else:
+            b_a = tl.load(p_a, mask=m_row[:, None] & m_k[None, :], other=0.0)
         b_new = ()
         for g in tl.static_range(G):
             i_n = _step_tile(i_s, g, G, N_OUT_TILES)
-            i_h, is_k, d0, seg, w_row0 = _segment_tile(i_n, QK, VD, NT_K, NT_V, BN)
+            i_h, is_k, d0, seg, w_row0 = _segment_tile(i_n, QK, VD, NT_K, NT_V, inv_nt, BN)
             # [BN] weight rows of this tile
             m_n = o_n < seg - d0
             o_wrow = tl.where(m_n, w_row0 + o_n, w_row0)
-            # [BK, BN] weight rows (transposed view)
-            p_w = w + o_wrow[None, :].to(tl.int64) * s_wn + (k0 + o_k)[:, None] * s_wl
-            b_w = tl.load(p_w, mask=m_k[:, None] & m_n[None, :], other=0.0)
+            # [BK, BN] weight rows (transposed view): the tile's first row, then per-lane offsets
+            # (loop invariant, int64) with the lanes past the segment on that first row
+            p_w = (w + w_row0.to(tl.int64) * s_wn) + tl.where(m_n, o_wn, 0)[None, :] + (k0 + o_k)[:, None] * s_wl
+            if EVEN_K:
+                b_w = tl.load(p_w)
+            else:
+                b_w = tl.load(p_w, mask=m_k[:, None], other=0.0)
             b_acc = acc[g]
             if EXACT_ROUNDING:
                 # interpreter: numpy's sgemm (its tl.dot) rounds a row differently depending on
@@ -212,7 +236,7 @@ def _gather_kv_b_proj_kernel(
             b_new = ()
             for g in tl.static_range(G):
                 i_n = _step_tile(i_s, g, G, N_OUT_TILES)
-                i_h, is_k, d0, seg, w_row0 = _segment_tile(i_n, QK, VD, NT_K, NT_V, BN)
+                i_h, is_k, d0, seg, w_row0 = _segment_tile(i_n, QK, VD, NT_K, NT_V, inv_nt, BN)
                 m_n = o_n < seg - d0
                 b_acc = acc[g]
                 if W_SCALE_MODE == 1:
@@ -371,6 +395,10 @@ def gather_kv_b_proj_launch(kv_cache, kv_indptr, kv_indices, cu_kv_lens, w_kv_b,
     n_out_tiles = H * (nt_k + nt_v)
     n_steps = triton.cdiv(n_out_tiles, cfg.G)
     n_groups = triton.cdiv(n_steps, max(1, cfg.tiles_per_program // cfg.G))
+    n_k = triton.cdiv(L, cfg.BK)
+    if max(n_out_tiles, n_steps * n_k) >= 2 ** 20:  # the kernel's float divisions are exact below
+        raise ValueError(f"w_kv_b: H = {H} heads give {n_out_tiles} output tiles and {n_steps * n_k} "
+                         f"K steps per token tile, expected both below 2^20")
     grid = (triton.cdiv(total, cfg.BT) * n_groups,)
     if grid[0] >= 2 ** 31:
         raise ValueError(f"cu_kv_lens: total = {total} tokens needs {grid[0]} programs, more than 2^31 - 1")
@@ -382,13 +410,14 @@ def gather_kv_b_proj_launch(kv_cache, kv_indptr, kv_indices, cu_kv_lens, w_kv_b,
         kv_cache, kv_indptr, kv_indices, cu_kv_lens, w_kv_b, ws,
         kv_scale if kv_scale is not None else w_kv_b, k, v,
         total, B, max(B - 1, 0).bit_length(), kv_cache.shape[1], L, P, QK, VD,
-        nt_k, nt_v, n_out_tiles, n_steps, n_groups, H,
+        nt_k, nt_v, n_out_tiles, n_steps, n_groups, H, 1.0 / n_k, 1.0 / (nt_k + nt_v),
         kv_cache.stride(0), kv_cache.stride(1), kv_cache.stride(2),
         w_kv_b.stride(0), w_kv_b.stride(1),
         s_sn, s_sl,
         k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2),
         BT=cfg.BT, BN=cfg.BN, BK=cfg.BK, BP=max(16, triton.next_power_of_2(max(P, 1))), G=cfg.G,
+        EVEN_K=L % cfg.BK == 0,
         W_SCALE_MODE=mode, HAS_KV_SCALE=kv_scale is not None, HAS_PE=P > 0,
         DOT_DTYPE=dot_dtype, INPUT_PRECISION=precision, EXACT_ROUNDING=interpreting(),
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,

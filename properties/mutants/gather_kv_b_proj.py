@@ -26,10 +26,10 @@ tail_read_past_len = _entry("tail_read_past_len", ("m_go = b_cu <= o_t", "m_go =
 # upstream's bug: with an fp8 cache, a bf16/fp16 weight is rounded to fp8 before the dot
 bf16_weight_to_fp8 = _entry(
     "bf16_weight_to_fp8",
-    ("            b_w = tl.load(p_w, mask=m_k[:, None] & m_n[None, :], other=0.0)\n",
-     "            b_w = tl.load(p_w, mask=m_k[:, None] & m_n[None, :], other=0.0)\n"
-     "            if cache.dtype.element_ty == tl.float8e4nv:\n"
-     "                b_w = b_w.to(tl.float8e4nv)\n"))
+    ("\n            b_acc = acc[g]\n",
+     "\n            if cache.dtype.element_ty == tl.float8e4nv:\n"
+     "                b_w = b_w.to(tl.float8e4nv)\n"
+     "            b_acc = acc[g]\n"))
 
 # the 128x128 block scale indexed by head instead of by the absolute weight row r // 128
 # (rows past the scale tensor land in its guard band)
