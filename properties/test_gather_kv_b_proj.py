@@ -5,11 +5,14 @@ dequantised as a float32 product, pe.float() * kv_scale (exact inputs, one float
 alone without a scale), then rounded once to out_dtype; no rounding to the cache dtype or to any
 other type in between. Every head holds the same bits.
 """
+import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from kernels.gather_kv_b_proj import gather_kv_b_proj as production
 from oracles.gather_kv_b_proj import gather_kv_b_proj as oracle
+from properties import backend
 from properties.bad_input import check_bad_calls, editors
 from properties.compare import _fail, assert_bitwise, assert_close
 from properties.guard import Unchanged, poison_allocations
@@ -239,3 +242,16 @@ def test_bad_input_rejected(impl, case):
 def test_oracle_rejects_bad_input(case):
     """The oracle validates as strictly as the kernels: the same table raises the same errors."""
     check_bad_calls(oracle, _bad_calls(inp.build(case), case))
+
+
+def test_tile_count_limit_rejected():
+    """The kernel divides tile and K-step indices by float multiplies that are exact below 2^20:
+    a weight with more output tiles than that (here 2^19 heads of qk_nope = v = 1, as a
+    stride-0 view) is refused with a ValueError naming w_kv_b before anything runs."""
+    dev, H, L = backend.DEVICE, 2 ** 19, 16
+    cache = torch.zeros(1, 4, L, dtype=torch.bfloat16, device=dev)
+    w = torch.zeros(1, L, dtype=torch.bfloat16, device=dev).expand(2 * H, L)
+    i32 = dict(dtype=torch.int32, device=dev)
+    with pytest.raises(ValueError, match="w_kv_b.*2\\^20"):
+        production(cache, torch.tensor([0, 1], **i32), torch.tensor([0], **i32), torch.tensor([0, 1], **i32), w,
+                         kv_lora_rank=L, qk_nope_head_dim=1, v_head_dim=1)
