@@ -298,16 +298,19 @@ def pick_config(cache_dtype: torch.dtype, w_dtype: torch.dtype, qk: int, v: int)
     bn = next(b for b in (128, 64, 32, 16) if _pad_cols(qk, v, b) * 8 <= tight * 9)
     if interpreting():
         return Config(BT=16, BN=min(bn, 32), BK=32, num_warps=4, num_stages=1, G=2)
-    # measured on an H100 (bench --sweep, 16384 tokens, DeepSeek-V3 and qk 192 / v 256 dims):
+    # measured on an H100 (bench --sweep, 16384 tokens, DeepSeek-V3 and qk 192 / v 256 dims; one
+    # sweep after the K step was slimmed, where the same config moves by ~7% within the run):
     # 16-bit operands: 128 x 128 tiles, BK 64, 4 warps, 3 stages, 8 output tiles per program
-    # (0.297 ms DeepSeek-V3; 64-row tiles 0.38-0.50; steps of G = 2 tiles with 8 warps 0.33);
-    # with BN = 64, steps of 4 tiles and 8 warps (qk 192 / v 256: 0.479 ms, single tiles 0.514);
-    # any fp8 operand: 64-row tiles, BK 128, 32 output tiles per program (fp8 x fp8 0.267 ms;
-    # 128-row tiles 0.47-0.56; G = 2 0.39: the block scales break the accumulation chain)
+    # (0.31 ms DeepSeek-V3; 64-row tiles 0.38-0.44; steps of G = 2 tiles with 8 warps 0.32-0.33);
+    # with BN = 64, steps of 2 tiles and 8 warps (qk 192 / v 256: 0.515 ms; single tiles on 4
+    # warps 0.529; G = 4 0.565-0.591, the best before the K step was slimmed);
+    # any fp8 operand: 64-row tiles, BK 128, 32 output tiles per program (fp8 x fp8 0.28 ms;
+    # 128-row tiles 0.60; G = 2 0.33), and with BN = 64 steps of 2 tiles (qk 192 / v 256: fp8 x fp8
+    # 0.534 against 0.630 ms, bf16 x fp8 0.883 against 0.975)
     if FP8 in (cache_dtype, w_dtype):
-        return Config(BT=64, BN=bn, BK=128, num_warps=4, num_stages=3, tiles_per_program=32)
+        return Config(BT=64, BN=bn, BK=128, num_warps=4, num_stages=3, tiles_per_program=32, G=2 if bn <= 64 else 1)
     if bn <= 64:
-        return Config(BT=128, BN=bn, BK=64, num_warps=8, num_stages=3, tiles_per_program=16, G=4)
+        return Config(BT=128, BN=bn, BK=64, num_warps=8, num_stages=3, tiles_per_program=16, G=2)
     return Config(BT=128, BN=bn, BK=64, num_warps=4, num_stages=3, tiles_per_program=8)
 
 
