@@ -130,13 +130,6 @@ def _kda_chunk_intra_kernel(
     for i_k in range(0, tl.cdiv(K, BK)):
         o_k = i_k * BK + tl.arange(0, BK)
         m_k = o_k < K
-        # [BT, BK]
-        b_kf = tl.load(p_kf + o_k[None, :] * s_k_k, mask=m_t[:, None] & m_k[None, :], other=0.0).to(tl.float32)
-        b_kf = b_kf * b_rkf[:, None]
-        b_gj1 = tl.load(p_gj1 + o_k[None, :] * s_g_k, mask=m_j1[:, None] & m_k[None, :], other=0.0).to(tl.float32)
-        # decay sums are formed directly as sums over the rows between (never as differences of
-        # two long cumulative sums, which would cancel): sum_{s=j+1}^{r-1} g_s
-        b_Sj = tl.cumsum(b_gj1, 0, reverse=True)
         # [BC, BK]
         b_ks = tl.load(p_ks + o_k[None, :] * s_k_k, mask=m_i[:, None] & m_k[None, :], other=0.0).to(tl.float32)
         b_ks = b_ks * b_rks[:, None]
@@ -145,13 +138,20 @@ def _kda_chunk_intra_kernel(
         b_gs = tl.load(p_gs + o_k[None, :] * s_g_k, mask=m_i[:, None] & m_k[None, :], other=0.0).to(tl.float32)
 
         # off-diagonal sub-blocks (j < r <= i): exp(G_i - G_j) = exp(sum_{s=r}^{i} g_s) * exp(sum_{s=j+1}^{r-1} g_s),
-        # both factors <= 1
-        # [BT, BK]
-        b_kr = tl.where(m_j[:, None], b_kf * tl.exp(b_Sj), 0.0)
-        # [BC, BK]
-        b_es = tl.exp(tl.cumsum(b_gs, 0))
-        b_Akk += tl.dot(b_ks * b_es, tl.trans(b_kr), input_precision=DOT_PREC)
-        b_Aqk += tl.dot(b_qs * b_es, tl.trans(b_kr), input_precision=DOT_PREC)
+        # both factors <= 1; the first sub-block has none (a quarter of the programs skip this)
+        if r > 0:
+            # [BT, BK]
+            b_kf = tl.load(p_kf + o_k[None, :] * s_k_k, mask=m_t[:, None] & m_k[None, :], other=0.0).to(tl.float32)
+            b_kf = b_kf * b_rkf[:, None]
+            b_gj1 = tl.load(p_gj1 + o_k[None, :] * s_g_k, mask=m_j1[:, None] & m_k[None, :], other=0.0).to(tl.float32)
+            # decay sums are formed directly as sums over the rows between (never as differences
+            # of two long cumulative sums, which would cancel): sum_{s=j+1}^{r-1} g_s
+            b_Sj = tl.cumsum(b_gj1, 0, reverse=True)
+            b_kr = tl.where(m_j[:, None], b_kf * tl.exp(b_Sj), 0.0)
+            # [BC, BK]
+            b_es = tl.exp(tl.cumsum(b_gs, 0))
+            b_Akk += tl.dot(b_ks * b_es, tl.trans(b_kr), input_precision=DOT_PREC)
+            b_Aqk += tl.dot(b_qs * b_es, tl.trans(b_kr), input_precision=DOT_PREC)
 
         # diagonal sub-block, element by element, all (i, j) pairs at once:
         # D[i, j, c] = sum_{s=j+1}^{i} g_sc for j <= i, a cumulative sum down i of g masked to
@@ -455,11 +455,12 @@ def _launch_config(K: int, V: int, bf16_out_path: bool) -> dict:
     # Two stages (the next chunk's tiles copied in while this one computes) fit in shared memory
     # with the bf16 output path up to K = 128 (136 KiB there); fp16 and fp32 inputs keep a float32
     # output path and one stage (BV 32, one stage: 10.7 ms).
-    # The intra-chunk kernel runs 2 warps and K steps of 16 (4 warps: 13.1 ms against 12.5 with
-    # BV = 64 states); the WY/UT kernel K steps of 32 and V steps of 32 (BK_W 16: 12.7; BV_W 64:
-    # 12.5 against 12.1; 8 WY/UT warps: 14.5).
+    # The intra-chunk kernel runs 4 warps and K steps of 16 (9.2 / 14.4 ms against 9.4 / 14.7 with
+    # 2 warps and 11.5 / 19.1 with K steps of 32); the WY/UT kernel K steps of 32 and V steps of
+    # 32 (BV = 64 states: BK_W 16 12.7 ms against 12.5; BV_W 64 12.5 against 12.1; 8 WY/UT warps
+    # 14.5).
     return dict(BV=32, o_tf32=True, warps_fwd=4, stages_fwd=2 if bf16_out_path and BK <= 128 else 1,
-                BK_I=16, warps_intra=2, BK_W=min(BK, 32), BV_W=max(16, min(pow2(V), 32)), warps_wu=4)
+                BK_I=16, warps_intra=4, BK_W=min(BK, 32), BV_W=max(16, min(pow2(V), 32)), warps_wu=4)
 
 
 def dot_dim(n: int) -> int:
