@@ -72,6 +72,12 @@ latent_unmasked_k = _entry(
     ("b_a = tl.load(p_a, mask=m_row[:, None] & m_k[None, :], other=0.0)",
      "b_a = tl.load(p_a, mask=m_row[:, None], other=0.0)"))
 
+# the launcher does not refuse 2^20 or more output tiles (the kernel's float divisions are exact
+# only below)
+tile_limit_unchecked = _entry(
+    "tile_limit_unchecked",
+    ("    if max(n_out_tiles, n_steps * n_k) >= 2 ** 20:", "    if False:"))
+
 # the launcher checks nothing
 no_checks = _entry(
     "no_checks",
@@ -107,4 +113,6 @@ MUTANTS = {
     "latent_unmasked_k": ("latent_unmasked_k", ("test_no_read_past_cache", "test_unheld_slots_ignored"),
                           "latent load not masked at column L: reads past the row"),
     "no_checks": ("no_checks", ("test_bad_input_rejected",), "the launcher validates nothing"),
+    "tile_limit_unchecked": ("tile_limit_unchecked", ("test_tile_count_limit_rejected",),
+                             "2^20 or more output tiles are not refused"),
 }
