@@ -81,6 +81,12 @@ decay_as_product = _entry(
     ("b_kg = b_k * tl.exp(tl.cumsum(b_g1, 0, reverse=True))",
      "b_kg = b_k * (tl.exp(b_Gl)[None, :] * tl.exp(-b_G))"))
 
+# the WY/UT kernel writes w, q exp(G), k exp(G_last - G) only up to column K, leaving the padding
+# columns [K, KS) that the state kernel reads with whole 16-column vector loads unwritten
+padding_unwritten = _entry(
+    "padding_unwritten", CHUNK,
+    ("m_out = m_t[:, None] & (o_k < KS)[None, :]", "m_out = m_t[:, None] & (o_k < K)[None, :]"))
+
 # g's dtype is never checked (a float32 copy is validated instead; the kernel reads g as given)
 g_dtype_unchecked = _entry(
     "g_dtype_unchecked", CHUNK,
@@ -111,5 +117,7 @@ MUTANTS = {
                                   "chunk: T == 0 returns zeros instead of the initial state"),
     "decay_as_product": ("decay_as_product", ("test_extreme_gates",),
                          "chunk: exp(G_last - G) as exp(G_last) * exp(-G) (0 * inf = NaN for deep decays)"),
+    "padding_unwritten": ("padding_unwritten", ("test_equivalence", "test_forms_agree"),
+                          "chunk: the intermediates' padding columns past K are left unwritten"),
     "g_dtype_unchecked": ("g_dtype_unchecked", ("test_bad_input_rejected",), "g's dtype is not checked"),
 }
