@@ -114,3 +114,29 @@ class poison_allocations:
         for name in self.NAMES:
             setattr(torch, name, _ORIGINAL[name])
         return False
+
+
+class forbid_launches:
+    """Context manager: inside it, launching any Triton kernel (compiled or interpreted) raises
+    AssertionError(`why`), so a property can require an implementation to refuse or return
+    before anything runs."""
+
+    def __init__(self, why: str):
+        self.why = why
+
+    def __enter__(self):
+        from triton.runtime.interpreter import InterpretedFunction
+        from triton.runtime.jit import JITFunction
+
+        def launched(*args, **kwargs):
+            raise AssertionError(f"a kernel was launched: {self.why}")
+
+        self._saved = [(kind, kind.__dict__["run"]) for kind in (JITFunction, InterpretedFunction)]
+        for kind, _ in self._saved:
+            kind.run = launched
+        return self
+
+    def __exit__(self, *exc):
+        for kind, run in self._saved:
+            kind.run = run
+        return False
