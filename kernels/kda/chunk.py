@@ -22,6 +22,7 @@ q/k head hv // (HV // H). Intermediates are token-indexed [rows, HV, *], rows pa
 columns; with cu_seqlens a device-side table maps each chunk slot to (sequence, chunk), so the
 launcher never synchronises.
 """
+import functools
 from typing import Optional
 
 import torch
@@ -35,6 +36,7 @@ from kernels.kda.fused_recurrent import fused_recurrent_kda
 BT = 64  # chunk size
 MIN_CHUNK_K = 8  # below this head dim chunk_kda runs the token-by-token form (see chunk_kda)
 BC = 16  # sub-block rows of the intra-chunk kernel: NC = BT // BC sub-blocks per chunk
+INTERPRETER_SMS = 8  # SM count the launch config assumes for CPU tensors (the interpreter)
 
 
 @triton.jit
@@ -438,15 +440,18 @@ def _kda_chunk_fwd_kernel(
             _store_block(ht, b_h4, 3, i_n, i_hv, o_v, HV, K, V, BKS)
 
 
-def _launch_config(K: int, V: int, bf16_out_path: bool) -> dict:
-    """One config from the head dims and the output path's dtype. BV tiles the state kernel;
-    BK_I / BK_W / BV_W block the intra-chunk kernels' head-dim loops. Every dot dimension is at
-    least 16 (the GPU's minimum)."""
+def _launch_config(K: int, V: int, bf16_out_path: bool, n_heads: int, n_sm: int) -> dict:
+    """One config from the head dims, the output path's dtype, the number of (sequence, value head)
+    pairs and the device's SM count. BV tiles the state kernel; BK_I / BK_W / BV_W block the
+    intra-chunk kernels' head-dim loops. Every dot dimension is at least 16 (the GPU's minimum)."""
     BK = dot_dim(K)
     # The state kernel is sequential over chunks and runs one program per (sequence, value head,
-    # V tile): narrow V tiles buy parallelism. BV = 32 with 4 warps (H100, T = 32768, H = 16,
-    # K = V = 128, bf16): HV 16 9.9 ms, HV 32 15.8 ms, against 12.1 / 17.9 with BV = 64 and 8 warps
-    # (BV 16: 9.2 / 16.0; BV 32 on 8 warps: 11.1 / 17.0).
+    # V tile): narrow V tiles buy parallelism while the programs fit on the SMs. BV = 32 with 4
+    # warps (H100, T = 32768, H = 16, K = V = 128, bf16): HV 16 9.9 ms, HV 32 15.8 ms, against
+    # 12.1 / 17.9 with BV = 64 and 8 warps (BV 32 on 8 warps: 11.1 / 17.0). BV = 16 where its
+    # programs still fit on the SMs (one sequence, HV 16: 128 programs on 132 SMs): 8.54 against
+    # 9.21 ms; past that it loses (HV 32: 14.5 against 14.4; varlen 8 x 4096, HV 16: 7.26 against
+    # 6.54).
     # Narrow tiles need o_tf32: Triton 3.6 miscompiles the bf16 output dots whose B operand is a
     # [64, BV < 64] bf16 tile converted from registers (b_h.to(DO)): with 8 warps compute-sanitizer
     # reports an out-of-bounds shared read there, with 4 warps o comes out wrong (NaN) while the
@@ -459,8 +464,18 @@ def _launch_config(K: int, V: int, bf16_out_path: bool) -> dict:
     # 2 warps and 11.5 / 19.1 with K steps of 32); the WY/UT kernel K steps of 32 and V steps of
     # 32 (BV = 64 states: BK_W 16 12.7 ms against 12.5; BV_W 64 12.5 against 12.1; 8 WY/UT warps
     # 14.5).
-    return dict(BV=32, o_tf32=True, warps_fwd=4, stages_fwd=2 if bf16_out_path and BK <= 128 else 1,
+    BV = 16 if n_heads * triton.cdiv(V, 16) <= n_sm else 32
+    return dict(BV=BV, o_tf32=True, warps_fwd=4, stages_fwd=2 if bf16_out_path and BK <= 128 else 1,
                 BK_I=16, warps_intra=4, BK_W=min(BK, 32), BV_W=max(16, min(pow2(V), 32)), warps_wu=4)
+
+
+@functools.lru_cache(maxsize=None)
+def _sm_count(device: torch.device) -> int:
+    """Streaming multiprocessors of the device (a host query, cached). Under the interpreter a
+    small stand-in, so the CPU tests see both state-kernel tile widths."""
+    if device.type != "cuda":
+        return INTERPRETER_SMS
+    return torch.cuda.get_device_properties(device).multi_processor_count
 
 
 def dot_dim(n: int) -> int:
@@ -511,7 +526,13 @@ def chunk_kda(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor
         return fused_recurrent_kda(q, k, v, g, beta, scale=scale, initial_state=initial_state,
                                    output_final_state=output_final_state, cu_seqlens=cu_seqlens,
                                    use_qk_l2norm=use_qk_l2norm)
-    cfg = _launch_config(d.K, d.V, q.dtype == torch.bfloat16)
+    # Packed sequences must equal the per-sequence calls bit for bit (test_varlen_packing), yet BV
+    # follows N. On the GPU the results are bit-identical for BV 16 and 32 (each output element
+    # accumulates over K in the same order; checked on an H100 for fp32/fp16/bf16, odd K/V and
+    # varlen). Under the interpreter numpy's sgemm rounds differently by tile width, so there BV
+    # depends on HV only.
+    n_heads = d.HV if interpreting() else d.N * d.HV
+    cfg = _launch_config(d.K, d.V, q.dtype == torch.bfloat16, n_heads, _sm_count(q.device))
     if config is not None:
         cfg.update(config)
     dev = q.device
