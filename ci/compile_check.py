@@ -137,6 +137,8 @@ def kda_cases(kda):
 
     yield "H=4 HV=8 K=V=128 bf16, initial state", lambda: case()
     yield "H=HV=16 K=V=128 bf16 (the bench shape)", lambda: case(H=16, HV=16, T=64)
+    yield "H=HV=1 K=V=128 bf16, one sequence (state kernel on V tiles of 16, 3 stages)", \
+        lambda: case(H=1, HV=1, lens=[64])
     yield "varlen, l2norm, fp16", lambda: case(lens=[3, 64, 70], l2norm=True, dtype=torch.float16)
     yield "K=100 V=200 fp32", lambda: case(K=100, V=200, dtype=torch.float32, h0=False)
     yield "K=V=256 bf16", lambda: case(K=256, V=256, H=2, HV=2)
