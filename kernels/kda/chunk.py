@@ -440,10 +440,12 @@ def _kda_chunk_fwd_kernel(
             _store_block(ht, b_h4, 3, i_n, i_hv, o_v, HV, K, V, BKS)
 
 
-def _launch_config(K: int, V: int, bf16_out_path: bool, half_inputs: bool, n_heads: int, n_sm: int) -> dict:
+def _launch_config(K: int, V: int, bf16_out_path: bool, half_inputs: bool, n_heads: int,
+                   n_sm: int) -> dict:
     """One config from the head dims, the output path's dtype, whether q/k are 16-bit, the number
-    of (sequence, value head) pairs and the device's SM count. BV tiles the state kernel; BK_I / BK_W / BV_W block the
-    intra-chunk kernels' head-dim loops. Every dot dimension is at least 16 (the GPU's minimum)."""
+    of (sequence, value head) pairs and the device's SM count. BV tiles the state kernel; BK_I /
+    BK_W / BV_W block the intra-chunk kernels' head-dim loops. Every dot dimension is at least 16
+    (the GPU's minimum)."""
     BK = dot_dim(K)
     # The state kernel is sequential over chunks and runs one program per (sequence, value head,
     # V tile): narrow V tiles buy parallelism while the programs fit on the SMs. BV = 32 with 4
@@ -590,7 +592,8 @@ def chunk_kda(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor
         d.scale, T, HV, K, HV // d.H,
         *q.stride(), *k.stride(), *g.stride(), *beta.stride(),
         BT=BT, BC=BC, BK=cfg["BK_I"], IS_VARLEN=is_varlen, USE_QK_L2NORM=use_qk_l2norm,
-        DOT_PREC=dot_prec, EXACT_ROUNDING=exact, num_warps=cfg["warps_intra"], maxnreg=cfg["maxnreg_intra"],
+        DOT_PREC=dot_prec, EXACT_ROUNDING=exact, num_warps=cfg["warps_intra"],
+        maxnreg=cfg["maxnreg_intra"],
     )
     _kda_chunk_wu_kernel[(NT, grid_cols)](
         q, k, v, g, beta, Akk, w, u, qg, kg, gl, ci, cs,
