@@ -243,7 +243,6 @@ def test_oracle_rejects_bad_input(case):
     check_bad_calls(oracle, _bad_calls(inp.build(case), case))
 
 
-
 @prop(st.fixed_dictionaries({"log2_heads": st.integers(19, 21)}), examples=0.1)
 def test_tile_count_limit_rejected(impl, case):
     """The kernel divides tile and K-step indices by float multiplies that are exact below 2^20: a

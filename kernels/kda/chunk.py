@@ -460,8 +460,8 @@ def _launch_config(K: int, V: int, bf16_out_path: bool, half_inputs: bool, n_hea
     # float32 state is right. With o_tf32 the same bf16-rounded operands are upcast to float32 and
     # multiplied as tf32 (exact on bf16 values, so o is unchanged) and both are correct.
     # Two stages (the next chunk's tiles copied in while this one computes) fit in shared memory
-    # with the bf16 output path up to K = 128 (136 KiB there); fp16 and fp32 inputs keep a float32
-    # output path and one stage (BV 32, one stage: 10.7 ms).
+    # with the bf16 output path up to K = 128 (112 KiB there at BV = 32); fp16 and fp32 inputs
+    # keep a float32 output path and one stage (BV 32, one stage: 10.7 ms).
     # The intra-chunk kernel runs 4 warps and K steps of 16 (9.2 / 14.4 ms against 9.4 / 14.7 with
     # 2 warps and 11.5 / 19.1 with K steps of 32); the WY/UT kernel K steps of 32 and V steps of
     # 32 (BV = 64 states: BK_W 16 12.7 ms against 12.5; BV_W 64 12.5 against 12.1; 8 WY/UT warps
