@@ -11,6 +11,7 @@ tiles store 16 bytes at a time, mla_decode's stage 1 uses no (asynchronous) wgmm
     python -m ci.compile_check [--mutants]   # exit 1 if any variant fails to compile
 """
 import os
+import re
 import sys
 import time
 import traceback
@@ -202,10 +203,13 @@ def same_arithmetic_checks():
 
 
 def vector_store_checks():
-    """Full output tiles of gather_kv_b_proj must store 16 bytes at a time: a row mask Triton
-    could not see as constant along the columns once made every store 2 bytes wide (K and V are
-    most of the op's memory traffic). The check must also fail on a plant that masks the full
-    tiles by column (properties/mutants/gather_kv_b_proj.py: scalar_output_stores)."""
+    """gather_kv_b_proj's K and V stores (most of the op's memory traffic) must be 16 bytes wide:
+    a row mask Triton could not see as constant along the columns once made every store 2 bytes
+    wide, and an output tile now spans K and V columns, whose offsets reach the compiler only
+    through contiguity hints. With P = 0 the output tiles must use 16-byte stores; with
+    DeepSeek-V3's dims (qk, v and P multiples of 8) every store of the kernel, rope part
+    included, must be 16 bytes wide. Both checks must also fail on a plant without the tiles'
+    hints (properties/mutants/gather_kv_b_proj.py: scalar_output_stores)."""
     from properties.mutants.gather_kv_b_proj import scalar_output_stores
     for label, fn, want in (("production", _load(CASES["gather_kv_b_proj"][0]), True),
                             ("plant scalar_output_stores", scalar_output_stores, False)):
@@ -216,6 +220,12 @@ def vector_store_checks():
         vector = "st.global.v4.b32" in compiled[0][3]
         yield (f"gather_kv_b_proj {label}: {name}: full-tile output stores "
                f"{'are' if want else 'are not'} 16 bytes wide (st.global.v4)"), vector == want
+        compiled.clear()
+        name, thunk = [c for c in gather_cases(fn) if c[0].startswith("bf16 DeepSeek-V3")][0]
+        thunk()
+        stores = set(re.findall(r"st\.global\.[\w.]+", compiled[0][3]))
+        yield (f"gather_kv_b_proj {label}: {name}: every store {'is' if want else 'is not'} 16 bytes "
+               f"wide (found {sorted(stores)})"), (stores == {"st.global.v4.b32"}) == want
 
 
 def synchronous_mma_checks():

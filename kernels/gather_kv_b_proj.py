@@ -9,21 +9,27 @@ slot j % block_size, and
     k[t, h] = [proj[h (qk+v) : h (qk+v) + qk] | pe]   v[t, h] = proj[h (qk+v) + qk : (h+1)(qk+v)]
 
 Design
-- One 1-D grid over (token tile of BT rows) x (output tile of BN columns). Output tiles never cross
-  a K-nope or V segment of one head: head h owns cdiv(qk, BN) K tiles and cdiv(v, BN) V tiles, so
-  every store is a contiguous masked run of one row of k or v, and qk_nope != v_head_dim costs no
-  special case. The output tile index runs fastest, so the programs in flight share their gathered
-  latent rows (L2) and sweep the whole weight (a few MB, L2-resident).
+- One 1-D grid over (token tile of BT rows) x (output tile of BN columns). An output tile is BN
+  consecutive rows of W, i.e. BN consecutive columns of the [k_nope | v] of one or more heads: tiles
+  ignore head and K/V segment boundaries, so qk_nope != v_head_dim costs no padding and no special
+  case. In the epilogue each column finds its head and segment (a float division by qk + v) and is
+  stored to k or v: k and v are two views of one buffer (v right after k), so one offset tensor,
+  a per-column row stride and column offset, addresses both. When qk, v and P are multiples of 8,
+  every aligned run of 8 columns lies in one segment and is contiguous in memory; the compiler is
+  told so (tl.max_contiguous / tl.multiple_of) and the stores stay 16 bytes wide. The output tile
+  index runs fastest, so the programs in flight share their gathered latent rows (L2) and sweep
+  the whole weight (a few MB, L2-resident).
 - A token tile is BT consecutive rows of the packed output; every row finds its own sequence by a
   vectorised binary search over cu_kv_lens (ceil(log2 B) steps, no host sync, no extra launch), so
   a tile may span sequences and no program is wasted on short sequences. A row only reads the slot
   of its own token (j < kv_len[b]): the tail of the last block and unreferenced blocks are never
   read, and a cache that ends right after the last referenced block is safe. block_size is a
   run-time value (any >= 1).
-- Each K step loads a [BT, BK] gathered latent tile and G [BK, BN] weight tiles (G consecutive
-  output tiles, a step, share the latent tile: G accumulators) and multiplies on tensor cores
-  with float32 accumulation. Operand dtype: fp8 x fp8 runs on fp8 tensor cores when
-  the output is bfloat16, and as bf16 x bf16 (exact conversion) otherwise: Hopper's fp8 MMA keeps
+- Each K step loads a [BT, BK] gathered latent tile and a [BK, BN] weight tile and multiplies on
+  tensor cores with float32 accumulation; the tile loop is flattened into the K loop, so the copy
+  pipeline stays full from one output tile to the next. Operand dtype: fp8 x fp8 runs on fp8
+  tensor cores when the output is bfloat16, and as bf16 x bf16 (exact conversion) otherwise:
+  Hopper's fp8 MMA keeps
   only about 14 bits of its accumulator (measured on an H100: a relative error of 5.5e-5 on one
   16-term product), far inside bf16's rounding but outside float32's or float16's budget. An
   fp8 operand beside a bf16/fp16 one is converted to that 16-bit type (exact); bf16 beside fp16 runs
@@ -31,17 +37,21 @@ Design
   w_scale multiply the float32 accumulator at the end; a 128x128 block w_scale multiplies each K
   step's partial product (BK divides 128, so a K step lies in one column block) with the scale of
   the ABSOLUTE weight row r // 128 (blocks may straddle K/V and head boundaries).
-- The rope part is written by the first K tile of every head: the float32 product cache * kv_scale,
-  rounded once to out_dtype (the same value torch gives for (pe.double() * kv_scale).to(out_dtype),
-  which converts through float32), bit-identical across heads.
+- The rope part is written per head after the output tiles (the program of output tiles i_g,
+  i_g + N_GROUPS, ... writes heads i_g, i_g + N_GROUPS, ...): the float32 product
+  cache * kv_scale, rounded once to out_dtype (the same value torch gives for
+  (pe.double() * kv_scale).to(out_dtype), which converts through float32), bit-identical across
+  heads.
 - Under the Triton interpreter the dot operands are upcast to float32 (its bf16/fp16 dots are
   wrong), each K step is a broadcast product summed over k in order (numpy's sgemm behind its
   tl.dot rounds a row by its position in the tile, which breaks batch split invariance), and
   bf16 stores go through cast_to's exact rounding.
 
 The one host read: the output row count total = cu_kv_lens[-1] must be known to allocate k and v
-(the contract returns them), so the launcher reads that single element. No other tensor data is
-read on the host; nothing is validated on the device.
+(the contract returns them), so the launcher reads that single element, unless the caller passes
+its host copy as `total` (then nothing is read and the call does not synchronise). The kernel
+masks rows against both: rows past cu_kv_lens[-1] are never read nor written. No other tensor
+data is read on the host; nothing is validated on the device.
 """
 from typing import NamedTuple, Optional, Tuple
 
@@ -73,19 +83,9 @@ def _rope_out(b_pe, kv_scale, out_ty: tl.constexpr, HAS_KV_SCALE: tl.constexpr, 
 
 
 @triton.jit
-def _store_tile(p_o, b_o, m_row, m_n, full):
-    # [BT, BN] output tile; a full column tile (full) stores with a row mask only, constant along
-    # the columns, so the stores stay 16 bytes wide (ci/compile_check.py checks the vector width)
-    if full:
-        tl.store(p_o, b_o, mask=m_row[:, None])
-    else:
-        tl.store(p_o, b_o, mask=m_row[:, None] & m_n[None, :])
-
-
-@triton.jit
 def _divmod_small(n, d, inv_d):
     """(n // d, n % d) for int32 0 <= n < 2^20 and d >= 1, with inv_d = float32(1 / d): a float
-    multiply instead of an integer division (~25 instructions, paid in every K step). Exact:
+    multiply instead of an integer division by a run-time value (~25 instructions). Exact:
     (n + 0.5) / d lies at least 0.5 / d from an integer, and the float error is below
     (n / d) 2^-23 < 2^-3 / d."""
     q = tl.cast((n * 1.0 + 0.5) * inv_d, tl.int32)
@@ -93,38 +93,26 @@ def _divmod_small(n, d, inv_d):
 
 
 @triton.jit
-def _segment_tile(i_n, QK, VD, NT_K, NT_V, inv_nt, BN: tl.constexpr):
-    # output tile i_n -> (head, K-nope or V segment, first column in the segment, segment width,
-    # first weight row); inv_nt = 1 / (NT_K + NT_V)
-    i_h, i_r = _divmod_small(i_n, NT_K + NT_V, inv_nt)
-    is_k = i_r < NT_K
-    d0 = tl.where(is_k, i_r, i_r - NT_K) * BN
-    seg = tl.where(is_k, QK, VD)
-    w_row0 = i_h * (QK + VD) + tl.where(is_k, 0, QK) + d0
-    return i_h, is_k, d0, seg, w_row0
-
-
-@triton.jit
-def _step_tile(i_s, g, G: tl.constexpr, N_OUT_TILES):
-    # output tile g of step i_s; a tile past the last one (N_OUT_TILES not a multiple of G) is the
-    # last one again: the same inputs and arithmetic, so storing it twice writes the same bits
-    i_n = i_s * G + g
-    if G > 1:
-        i_n = tl.minimum(i_n, N_OUT_TILES - 1)
-    return i_n
+def _col_dest(n, HD, QK, inv_hd, s_kh, s_kd, s_vh, s_vd):
+    """[BN] output columns n (weight rows, n < 2^20) -> (K-nope column?, offset in a row of k,
+    offset in a row of v); HD = qk + v rows per head, inv_hd = 1 / HD."""
+    i_h, i_r = _divmod_small(n, HD, inv_hd)
+    is_k = i_r < QK
+    o_ck = i_h.to(tl.int64) * s_kh + i_r.to(tl.int64) * s_kd
+    o_cv = i_h.to(tl.int64) * s_vh + (i_r - QK).to(tl.int64) * s_vd
+    return is_k, o_ck, o_cv
 
 
 # L is left specialised: it is always a multiple of 16, so it compiles once and its divisibility
 # lets the K mask stay constant over 16 columns (vectorised loads).
-# QK is specialised too (divisible by 16 or not: two variants) so the rope stores stay aligned.
-@triton.jit(do_not_specialize=["total", "B", "n_search", "block_size", "P", "VD",
-                               "NT_K", "NT_V", "N_OUT_TILES", "N_STEPS", "N_GROUPS", "H"])
+@triton.jit(do_not_specialize=["total", "B", "n_search", "block_size", "P", "QK", "VD", "N",
+                               "N_OUT_TILES", "N_GROUPS", "H", "V_OFF"])
 def _gather_kv_b_proj_kernel(
     # pointers
-    cache, kv_indptr, kv_indices, cu_kv_lens, w, w_scale, kv_scale, k_out, v_out,
+    cache, kv_indptr, kv_indices, cu_kv_lens, w, w_scale, kv_scale, k_out, V_OFF,
     # sizes (run time)
-    total, B, n_search, block_size, L, P, QK, VD, NT_K, NT_V, N_OUT_TILES, N_STEPS, N_GROUPS, H,
-    inv_nk, inv_nt,
+    total, B, n_search, block_size, L, P, QK, VD, N, N_OUT_TILES, N_GROUPS, H,
+    inv_hd,
     # strides
     s_cb, s_cs, s_cd,
     s_wn, s_wl,
@@ -132,11 +120,12 @@ def _gather_kv_b_proj_kernel(
     s_kt, s_kh, s_kd,
     s_vt, s_vh, s_vd,
     # block sizes and flags
-    BT: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, BP: tl.constexpr, G: tl.constexpr,
-    EVEN_K: tl.constexpr, W_SCALE_MODE: tl.constexpr, HAS_KV_SCALE: tl.constexpr, HAS_PE: tl.constexpr,
+    BT: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, BP: tl.constexpr,
+    EVEN_K: tl.constexpr, EVEN_N: tl.constexpr, ALIGNED: tl.constexpr,
+    W_SCALE_MODE: tl.constexpr, HAS_KV_SCALE: tl.constexpr, HAS_PE: tl.constexpr,
     DOT_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr, EXACT_ROUNDING: tl.constexpr,
 ):
-    # program -> (token tile, steps i_g, i_g + N_GROUPS, ... of G output tiles each)
+    # program -> (token tile, output tiles i_g, i_g + N_GROUPS, ...)
     i_p = tl.program_id(0)
     i_t = (i_p // N_GROUPS).to(tl.int64)
     i_g = i_p % N_GROUPS
@@ -144,7 +133,8 @@ def _gather_kv_b_proj_kernel(
     # ---- rows: token -> sequence (binary search) -> block, slot
     # [BT]
     o_t = i_t * BT + tl.arange(0, BT).to(tl.int64)
-    m_t = o_t < total
+    # rows past the host's total (the allocation) or the device's cu_kv_lens[B] do not exist
+    m_t = (o_t < total) & (o_t < tl.load(cu_kv_lens + B).to(tl.int64))
     # largest b in [0, B-1] with cu_kv_lens[b] <= t (skips empty sequences)
     b_lo = tl.zeros([BT], dtype=tl.int64)
     b_hi = tl.zeros([BT], dtype=tl.int64) + (B - 1)
@@ -164,54 +154,42 @@ def _gather_kv_b_proj_kernel(
     # [BT] offset of each row's latent vector in the cache
     o_row = b_blk * s_cb + (o_j % block_size) * s_cs
 
-    # The row mapping above is paid once per token tile and shared by all its output tiles. One
-    # flat loop over (step, K step) keeps the copy pipeline full across output tiles (a nested
-    # loop drains and refills it at every tile): a step is G consecutive output tiles that share
-    # each gathered [BT, BK] latent tile (G accumulators, G dots per K step); loop index `it` is K
-    # step it % n_k of step i_g + (it // n_k) * N_GROUPS. Tile scalars are int32 (N_OUT_TILES is
-    # small).
+    # The row mapping above is paid once per token tile and shared by all its output tiles
+    # i_g, i_g + N_GROUPS, ... An output tile is BN consecutive weight rows: columns of the
+    # [k_nope | v] of one or more heads, each stored to k or v (_col_dest). The tile loop is
+    # flattened into the K loop (tl.range flatten): the copy pipeline stays full across tiles.
     n_k = tl.cdiv(L, BK)
-    n_mine = tl.cdiv(N_STEPS - i_g, N_GROUPS)
+    n_mine = tl.cdiv(N_OUT_TILES - i_g, N_GROUPS)
     # [BK], [BN]; int32 lane offsets added to int64 scalars/rows keep their contiguity
     o_k = tl.arange(0, BK)
     o_n = tl.arange(0, BN)
     o_wn = o_n.to(tl.int64) * s_wn
-    # G x [BT, BN] = [BT, L] x [L, BN]
-    acc = ()
-    for g in tl.static_range(G):
-        acc = acc + (tl.zeros([BT, BN], dtype=tl.float32),)
-    for it in range(0, n_mine * n_k):
-        i_q, i_kk = _divmod_small(it, n_k, inv_nk)
-        i_s = i_g + i_q * N_GROUPS
-        k0 = i_kk * BK
-        # [BK]
-        m_k = (k0 + o_k) < L
-        # [BT, BK] gathered latent rows. Weight rows past the tile point at a valid weight row
-        # (o_wrow): a matmul keeps columns apart and those columns are never stored, so the
-        # weight load needs a mask only for a K tail (L not a multiple of BK); the per-element
-        # predicates made the main loop issue-bound. (Rows past the tile's tokens point at a
-        # valid cache row too, but without their mask Triton 3.6 fails to compile the fp8
-        # block-scale variant: "operand does not dominate this use".)
-        p_a = cache + o_row[:, None] + (k0 + o_k)[None, :] * s_cd
-        if EVEN_K:
-            b_a = tl.load(p_a, mask=m_row[:, None], other=0.0)
-        else:
-            b_a = tl.load(p_a, mask=m_row[:, None] & m_k[None, :], other=0.0)
-        b_new = ()
-        for g in tl.static_range(G):
-            i_n = _step_tile(i_s, g, G, N_OUT_TILES)
-            i_h, is_k, d0, seg, w_row0 = _segment_tile(i_n, QK, VD, NT_K, NT_V, inv_nt, BN)
-            # [BN] weight rows of this tile
-            m_n = o_n < seg - d0
-            o_wrow = tl.where(m_n, w_row0 + o_n, w_row0)
-            # [BK, BN] weight rows (transposed view): the tile's first row, then per-lane offsets
-            # (loop invariant, int64) with the lanes past the segment on that first row
-            p_w = (w + w_row0.to(tl.int64) * s_wn) + tl.where(m_n, o_wn, 0)[None, :] + (k0 + o_k)[:, None] * s_wl
+    for i_q in tl.range(0, n_mine, flatten=True):
+        n0 = (i_g + i_q * N_GROUPS) * BN
+        # [BT, BN] = [BT, L] x [L, BN]
+        b_acc = tl.zeros([BT, BN], dtype=tl.float32)
+        for i_kk in range(0, n_k):
+            k0 = i_kk * BK
+            # [BK]
+            m_k = (k0 + o_k) < L
+            # [BT, BK] gathered latent rows
+            p_a = cache + o_row[:, None] + (k0 + o_k)[None, :] * s_cd
+            if EVEN_K:
+                b_a = tl.load(p_a, mask=m_row[:, None], other=0.0)
+            else:
+                b_a = tl.load(p_a, mask=m_row[:, None] & m_k[None, :], other=0.0)
+            # [BK, BN] weight rows n0.. (transposed view). Rows past N (the last tile when N is not
+            # a multiple of BN) point at row n0: a matmul keeps columns apart and those columns
+            # are never stored, so the weight load needs a mask only for a K tail.
+            if EVEN_N:
+                o_w = o_wn
+            else:
+                o_w = tl.where(o_n < N - n0, o_wn, 0)
+            p_w = (w + n0.to(tl.int64) * s_wn) + o_w[None, :] + (k0 + o_k)[:, None] * s_wl
             if EVEN_K:
                 b_w = tl.load(p_w)
             else:
                 b_w = tl.load(p_w, mask=m_k[:, None], other=0.0)
-            b_acc = acc[g]
             if EXACT_ROUNDING:
                 # interpreter: numpy's sgemm (its tl.dot) rounds a row differently depending on
                 # its position in the tile; products summed over k in order are the same for
@@ -220,7 +198,8 @@ def _gather_kv_b_proj_kernel(
                 b_p = tl.sum(b_a.to(tl.float32)[:, :, None] * b_w.to(tl.float32)[None, :, :], axis=1)
             if W_SCALE_MODE == 2:
                 # [BN] block scale of absolute row r // 128, column block k0 // 128 (BK divides 128)
-                b_s = tl.load(w_scale + (o_wrow // 128) * s_sn + (k0 // 128) * s_sl, mask=m_n, other=0.0)
+                b_s = tl.load(w_scale + ((n0 + o_n) // 128) * s_sn + (k0 // 128) * s_sl,
+                              mask=o_n < N - n0, other=0.0)
                 if not EXACT_ROUNDING:
                     b_p = tl.dot(b_a.to(DOT_DTYPE), b_w.to(DOT_DTYPE), input_precision=INPUT_PRECISION)
                 b_acc += b_p * b_s[None, :]
@@ -228,32 +207,32 @@ def _gather_kv_b_proj_kernel(
                 b_acc += b_p
             else:
                 b_acc = tl.dot(b_a.to(DOT_DTYPE), b_w.to(DOT_DTYPE), b_acc, input_precision=INPUT_PRECISION)
-            b_new = b_new + (b_acc,)
-        acc = b_new
 
-        if k0 + BK >= L:
-            # ---- the step's last K step: scales, store, reset
-            b_new = ()
-            for g in tl.static_range(G):
-                i_n = _step_tile(i_s, g, G, N_OUT_TILES)
-                i_h, is_k, d0, seg, w_row0 = _segment_tile(i_n, QK, VD, NT_K, NT_V, inv_nt, BN)
-                m_n = o_n < seg - d0
-                b_acc = acc[g]
-                if W_SCALE_MODE == 1:
-                    # [BN]
-                    b_s = tl.load(w_scale + (w_row0 + o_n) * s_sn, mask=m_n, other=0.0)
-                    b_acc = b_acc * b_s[None, :]
-                if HAS_KV_SCALE:
-                    b_acc = b_acc * tl.load(kv_scale)
-                m_full = d0 + BN <= seg
-                if is_k:
-                    p_o = (k_out + i_h * s_kh + d0 * s_kd) + o_t[:, None] * s_kt + o_n[None, :] * s_kd
-                    _store_tile(p_o, cast_to(b_acc, k_out.dtype.element_ty, EXACT_ROUNDING), m_row, m_n, m_full)
-                else:
-                    p_o = (v_out + i_h * s_vh + d0 * s_vd) + o_t[:, None] * s_vt + o_n[None, :] * s_vd
-                    _store_tile(p_o, cast_to(b_acc, v_out.dtype.element_ty, EXACT_ROUNDING), m_row, m_n, m_full)
-                b_new = b_new + (tl.zeros([BT, BN], dtype=tl.float32),)
-            acc = b_new
+        # ---- scales, then each column to k or v
+        # [BN]
+        o_c = n0 + o_n
+        m_n = o_c < N
+        if W_SCALE_MODE == 1:
+            b_s = tl.load(w_scale + o_c * s_sn, mask=m_n, other=0.0)
+            b_acc = b_acc * b_s[None, :]
+        if HAS_KV_SCALE:
+            b_acc = b_acc * tl.load(kv_scale)
+        b_o = cast_to(b_acc, k_out.dtype.element_ty, EXACT_ROUNDING)
+        is_k, o_ck, o_cv = _col_dest(o_c, QK + VD, QK, inv_hd, s_kh, s_kd, s_vh, s_vd)
+        # [BN] row stride and column offset from k_out of each column (v starts V_OFF elements
+        # after k, in the same buffer)
+        o_rs = tl.where(is_k, s_kt, s_vt)
+        o_co = tl.where(is_k, o_ck, V_OFF + o_cv)
+        # [BT, BN]
+        o_o = o_t[:, None] * o_rs[None, :] + o_co[None, :]
+        if ALIGNED:
+            # qk, v and P multiples of 8 (so are the strides and V_OFF): an aligned run of 8
+            # columns lies in one segment and is contiguous, so the stores can be 16 bytes wide
+            o_o = tl.max_contiguous(tl.multiple_of(o_o, [1, 8]), [1, 8])
+        if EVEN_N:
+            tl.store(k_out + o_o, b_o, mask=m_row[:, None])
+        else:
+            tl.store(k_out + o_o, b_o, mask=m_row[:, None] & m_n[None, :])
 
     if HAS_PE:
         # the rope part of heads i_g, i_g + N_GROUPS, ...
@@ -262,13 +241,19 @@ def _gather_kv_b_proj_kernel(
             o_p = tl.arange(0, BP)
             # [BT, BP]
             p_c = (cache + L * s_cd) + o_row[:, None] + o_p[None, :] * s_cd
-            p_pe = (k_out + i_h * s_kh + QK * s_kd) + o_t[:, None] * s_kt + o_p[None, :] * s_kd
+            o_pe = (i_h * s_kh + QK * s_kd) + o_t[:, None] * s_kt + o_p[None, :] * s_kd
+            if ALIGNED:
+                # QK, P and the strides are multiples of 8: 16-byte stores, as for the tiles
+                o_pe = tl.max_contiguous(tl.multiple_of(o_pe, [1, 8]), [1, 8])
+            p_pe = k_out + o_pe
             if P == BP:
                 b_pe = tl.load(p_c, mask=m_row[:, None], other=0.0)
                 b_pe = _rope_out(b_pe, kv_scale, k_out.dtype.element_ty, HAS_KV_SCALE, EXACT_ROUNDING)
                 tl.store(p_pe, b_pe, mask=m_row[:, None])
             else:
                 m_pe = m_row[:, None] & (o_p < P)[None, :]
+                if ALIGNED:
+                    m_pe = tl.max_constancy(m_pe, [1, 8])
                 b_pe = tl.load(p_c, mask=m_pe, other=0.0)
                 b_pe = _rope_out(b_pe, kv_scale, k_out.dtype.element_ty, HAS_KV_SCALE, EXACT_ROUNDING)
                 tl.store(p_pe, b_pe, mask=m_pe)
@@ -276,42 +261,29 @@ def _gather_kv_b_proj_kernel(
 
 class Config(NamedTuple):
     BT: int          # token rows per tile
-    BN: int          # output columns per tile (within one K-nope or V segment of one head)
+    BN: int          # output columns (weight rows) per tile
     BK: int          # latent columns per step; divides 128 (block scales)
     num_warps: int
     num_stages: int
     tiles_per_program: int = 8  # output tiles one program computes for its token tile
-    G: int = 1                  # output tiles per step, sharing each gathered latent tile
 
 
-def _pad_cols(qk: int, v: int, bn: int) -> int:
-    return triton.cdiv(qk, bn) * bn + triton.cdiv(v, bn) * bn
-
-
-def pick_config(cache_dtype: torch.dtype, w_dtype: torch.dtype, qk: int, v: int) -> Config:
-    """One config from coarse properties: the operand width and the padding waste of the head dims.
-
-    BN is the widest of 128/64/32/16 whose padded columns per head stay within 1/8 of the
-    tightest (BN = 16) padding: 128 for qk = v = 128, 64 for qk = 192 / v = 256.
-    """
-    tight = _pad_cols(qk, v, 16)
-    bn = next(b for b in (128, 64, 32, 16) if _pad_cols(qk, v, b) * 8 <= tight * 9)
+def pick_config(cache_dtype: torch.dtype, w_dtype: torch.dtype) -> Config:
+    """One config per operand width: output tiles cross head and segment boundaries, so the head
+    dims do not pick the tile."""
     if interpreting():
-        return Config(BT=16, BN=min(bn, 32), BK=32, num_warps=4, num_stages=1, G=2)
-    # measured on an H100 (bench --sweep, 16384 tokens, DeepSeek-V3 and qk 192 / v 256 dims; one
-    # sweep after the K step was slimmed, where the same config moves by ~7% within the run):
-    # 16-bit operands: 128 x 128 tiles, BK 64, 4 warps, 3 stages, 8 output tiles per program
-    # (0.31 ms DeepSeek-V3; 64-row tiles 0.38-0.44; steps of G = 2 tiles with 8 warps 0.32-0.33);
-    # with BN = 64, steps of 2 tiles and 8 warps (qk 192 / v 256: 0.515 ms; single tiles on 4
-    # warps 0.529; G = 4 0.565-0.591, the best before the K step was slimmed);
-    # any fp8 operand: 64-row tiles, BK 128, 32 output tiles per program (fp8 x fp8 0.28 ms;
-    # 128-row tiles 0.60; G = 2 0.33), and with BN = 64 steps of 2 tiles (qk 192 / v 256: fp8 x fp8
-    # 0.534 against 0.630 ms, bf16 x fp8 0.883 against 0.975)
+        return Config(BT=16, BN=32, BK=32, num_warps=4, num_stages=1, tiles_per_program=4)
+    # measured on an H100 (bench --sweep, 16384 tokens, DeepSeek-V3 and qk 192 / v 256 dims, host
+    # total given): 16-bit operands: 128 x 256 tiles on 8 warps, BK 64, 3 stages (0.180 / 0.290
+    # ms; BK 32 with 4-5 stages 0.182-0.191 / 0.298-0.316; 128 x 128 on 4 warps 0.187 / 0.312);
+    # fp8 x fp8: 64 x 128 tiles on 4 warps, BK 128 (one block scale per K step), 4 stages (0.152 /
+    # 0.248 against 0.162-0.173 / 0.280-0.286 with 3); an fp8 weight beside a 16-bit cache: the
+    # same with 3 stages (0.319 / 0.536; 4 stages need 128 KB of shared memory: 0.507 / 0.870)
+    if cache_dtype == w_dtype == FP8:
+        return Config(BT=64, BN=128, BK=128, num_warps=4, num_stages=4, tiles_per_program=32)
     if FP8 in (cache_dtype, w_dtype):
-        return Config(BT=64, BN=bn, BK=128, num_warps=4, num_stages=3, tiles_per_program=32, G=2 if bn <= 64 else 1)
-    if bn <= 64:
-        return Config(BT=128, BN=bn, BK=64, num_warps=8, num_stages=3, tiles_per_program=16, G=2)
-    return Config(BT=128, BN=bn, BK=64, num_warps=4, num_stages=3, tiles_per_program=8)
+        return Config(BT=64, BN=128, BK=128, num_warps=4, num_stages=3, tiles_per_program=32)
+    return Config(BT=128, BN=256, BK=64, num_warps=8, num_stages=3, tiles_per_program=16)
 
 
 def _dot_dtype(cache_dtype: torch.dtype, w_dtype: torch.dtype, out_dtype: torch.dtype) -> Tuple[object, str]:
@@ -374,34 +346,39 @@ def _check(kv_cache, kv_indptr, kv_indices, cu_kv_lens, w_kv_b, kv_lora_rank, qk
 
 def gather_kv_b_proj_launch(kv_cache, kv_indptr, kv_indices, cu_kv_lens, w_kv_b, *, kv_lora_rank,
                             qk_nope_head_dim, v_head_dim, w_scale=None, kv_scale=None,
-                            out_dtype=torch.bfloat16, config: Optional[Config] = None):
+                            out_dtype=torch.bfloat16, total: Optional[int] = None,
+                            config: Optional[Config] = None):
     """The launcher: check, allocate, launch. `config` overrides pick_config (benchmarks)."""
     P, H, mode = _check(kv_cache, kv_indptr, kv_indices, cu_kv_lens, w_kv_b, kv_lora_rank,
                         qk_nope_head_dim, v_head_dim, w_scale, kv_scale, out_dtype)
     L, QK, VD = kv_lora_rank, qk_nope_head_dim, v_head_dim
     B = kv_indptr.shape[0] - 1
-    # the single host read: the output row count (see the module docstring)
-    total = int(cu_kv_lens[-1])
-    if total < 0:
-        raise ValueError(f"cu_kv_lens: expected a non-negative total cu_kv_lens[-1], got {total}")
+    if total is None:
+        # the single host read: the output row count (see the module docstring)
+        total = int(cu_kv_lens[-1])
+        if total < 0:
+            raise ValueError(f"cu_kv_lens: expected a non-negative total cu_kv_lens[-1], got {total}")
+    else:
+        check_int("total", total, lo=0, hi=2 ** 62)
+        if B == 0 and total > 0:
+            raise ValueError(f"total: expected 0 with no sequences (kv_indptr of shape [1]), got {total}")
     dev = kv_cache.device
-    k = torch.empty((total, H, QK + P), dtype=out_dtype, device=dev)
-    v = torch.empty((total, H, VD), dtype=out_dtype, device=dev)
+    # k and v share one buffer (v right after k): the kernel addresses both from k's pointer
+    n_k_el = total * H * (QK + P)
+    buf = torch.empty(n_k_el + total * H * VD, dtype=out_dtype, device=dev)
+    k = buf[:n_k_el].view(total, H, QK + P)
+    v = buf[n_k_el:].view(total, H, VD)
     if total == 0 or H == 0:
         return k, v
-    cfg = config or pick_config(kv_cache.dtype, w_kv_b.dtype, QK, VD)
+    cfg = config or pick_config(kv_cache.dtype, w_kv_b.dtype)
     if cfg.BK > SCALE_BLOCK or SCALE_BLOCK % cfg.BK:
         raise ValueError(f"config: expected BK dividing {SCALE_BLOCK}, got {cfg.BK}")
-    if cfg.G < 1:
-        raise ValueError(f"config: expected G (output tiles per step) >= 1, got {cfg.G}")
-    nt_k, nt_v = triton.cdiv(QK, cfg.BN), triton.cdiv(VD, cfg.BN)
-    n_out_tiles = H * (nt_k + nt_v)
-    n_steps = triton.cdiv(n_out_tiles, cfg.G)
-    n_groups = triton.cdiv(n_steps, max(1, cfg.tiles_per_program // cfg.G))
-    n_k = triton.cdiv(L, cfg.BK)
-    if max(n_out_tiles, n_steps * n_k) >= 2 ** 20:  # the kernel's float divisions are exact below
-        raise ValueError(f"w_kv_b: H = {H} heads give {n_out_tiles} output tiles and {n_steps * n_k} "
-                         f"K steps per token tile, expected both below 2^20")
+    N = w_kv_b.shape[0]
+    n_out_tiles = triton.cdiv(N, cfg.BN)
+    n_groups = triton.cdiv(n_out_tiles, max(1, cfg.tiles_per_program))
+    if n_out_tiles * cfg.BN >= 2 ** 20:  # the kernel's float division is exact below
+        raise ValueError(f"w_kv_b: expected fewer than 2^20 rows in the output tiles of {cfg.BN}, "
+                         f"got N = {N} rows (H = {H} heads of qk_nope + v = {QK + VD})")
     grid = (triton.cdiv(total, cfg.BT) * n_groups,)
     if grid[0] >= 2 ** 31:
         raise ValueError(f"cu_kv_lens: total = {total} tokens needs {grid[0]} programs, more than 2^31 - 1")
@@ -411,16 +388,16 @@ def gather_kv_b_proj_launch(kv_cache, kv_indptr, kv_indices, cu_kv_lens, w_kv_b,
     s_sl = w_scale.stride(1) if mode == W_SCALE_BLOCK else 0
     _gather_kv_b_proj_kernel[grid](
         kv_cache, kv_indptr, kv_indices, cu_kv_lens, w_kv_b, ws,
-        kv_scale if kv_scale is not None else w_kv_b, k, v,
-        total, B, max(B - 1, 0).bit_length(), kv_cache.shape[1], L, P, QK, VD,
-        nt_k, nt_v, n_out_tiles, n_steps, n_groups, H, 1.0 / n_k, 1.0 / (nt_k + nt_v),
+        kv_scale if kv_scale is not None else w_kv_b, k, n_k_el,
+        total, B, max(B - 1, 0).bit_length(), kv_cache.shape[1], L, P, QK, VD, N,
+        n_out_tiles, n_groups, H, 1.0 / (QK + VD),
         kv_cache.stride(0), kv_cache.stride(1), kv_cache.stride(2),
         w_kv_b.stride(0), w_kv_b.stride(1),
         s_sn, s_sl,
         k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2),
-        BT=cfg.BT, BN=cfg.BN, BK=cfg.BK, BP=max(16, triton.next_power_of_2(max(P, 1))), G=cfg.G,
-        EVEN_K=L % cfg.BK == 0,
+        BT=cfg.BT, BN=cfg.BN, BK=cfg.BK, BP=max(16, triton.next_power_of_2(max(P, 1))),
+        EVEN_K=L % cfg.BK == 0, EVEN_N=N % cfg.BN == 0, ALIGNED=QK % 8 == 0 and VD % 8 == 0 and P % 8 == 0,
         W_SCALE_MODE=mode, HAS_KV_SCALE=kv_scale is not None, HAS_PE=P > 0,
         DOT_DTYPE=dot_dtype, INPUT_PRECISION=precision, EXACT_ROUNDING=interpreting(),
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
@@ -431,8 +408,8 @@ def gather_kv_b_proj_launch(kv_cache, kv_indptr, kv_indices, cu_kv_lens, w_kv_b,
 def gather_kv_b_proj(kv_cache: torch.Tensor, kv_indptr: torch.Tensor, kv_indices: torch.Tensor,
                      cu_kv_lens: torch.Tensor, w_kv_b: torch.Tensor, *, kv_lora_rank: int,
                      qk_nope_head_dim: int, v_head_dim: int, w_scale: Optional[torch.Tensor] = None,
-                     kv_scale: Optional[torch.Tensor] = None,
-                     out_dtype: torch.dtype = torch.bfloat16) -> Tuple[torch.Tensor, torch.Tensor]:
+                     kv_scale: Optional[torch.Tensor] = None, out_dtype: torch.dtype = torch.bfloat16,
+                     total: Optional[int] = None) -> Tuple[torch.Tensor, torch.Tensor]:
     """Expand the paged MLA latent cache of B sequences into per-head K and V.
 
     Args:
@@ -450,14 +427,19 @@ def gather_kv_b_proj(kv_cache: torch.Tensor, kv_indptr: torch.Tensor, kv_indices
             indexed by the absolute row r // 128 and column l // 128; multiplies W (any W dtype).
         kv_scale: None or a one-element float32 tensor; multiplies the cache.
         out_dtype: bfloat16, float16 or float32.
+        total: None, or the caller's host copy of cu_kv_lens[-1] (an int; serving engines know
+            their token count on the host): then nothing is read from the device and the call
+            does not synchronise. Rows past cu_kv_lens[-1] are neither read nor written.
 
     Returns:
         k: [total, H, qk_nope_head_dim + P] out_dtype, [k_nope | pe]; pe (kv_scale * cache rope
            part, the float32 product rounded once to out_dtype) is bit-identical across heads.
         v: [total, H, v_head_dim] out_dtype.
-    Reads cu_kv_lens[-1] on the host once (the output size). Raises TypeError/ValueError on bad input.
+        k and v are contiguous views of one buffer (v starts right after k).
+    Without `total`, reads cu_kv_lens[-1] on the host once (the output size). Raises
+    TypeError/ValueError on bad input.
     """
     return gather_kv_b_proj_launch(kv_cache, kv_indptr, kv_indices, cu_kv_lens, w_kv_b,
                                    kv_lora_rank=kv_lora_rank, qk_nope_head_dim=qk_nope_head_dim,
                                    v_head_dim=v_head_dim, w_scale=w_scale, kv_scale=kv_scale,
-                                   out_dtype=out_dtype)
+                                   out_dtype=out_dtype, total=total)

@@ -145,6 +145,52 @@ def test_no_read_past_cache(impl, case):
     same_as_clean_cache(impl, case, "outside", "cache inside NaN guard bands", "NaN guard bands")
 
 
+@prop(inp.cases(min_seqs=2).filter(lambda c: c.lens[-1] > 0))
+def test_host_total(impl, case):
+    """`total`, the caller's host copy of cu_kv_lens[-1], changes nothing when it is right, and a
+    smaller one gives the first rows of the full call, bit-identical. Rows past cu_kv_lens[-1]
+    are never read nor written: called on the first B - 1 sequences (cu_kv_lens and kv_indptr cut
+    short; the last sequence's table entries and cache rows stay in place, so a stray read lands
+    on real tokens) with total = cu_kv_lens[B - 1] + len(last), the rows past cu_kv_lens[B - 1]
+    stay NaN (the poisoned allocation) and the rows before equal the full call's."""
+    x = inp.build(case)
+    k, v = run(impl, x)
+    full = sum(case.lens)
+    k1, v1 = run(impl, x, total=full)
+    assert_bitwise("k (total given)", k1, k)
+    assert_bitwise("v (total given)", v1, v)
+    k2, v2 = run(impl, x, total=full - 1)
+    assert_bitwise(f"k (total = {full - 1}, one short)", k2, k[:full - 1])
+    assert_bitwise(f"v (total = {full - 1}, one short)", v2, v[:full - 1])
+    cache, indptr, indices, cu, w = x.args
+    cut, extra = full - case.lens[-1], case.lens[-1]
+    k3, v3 = run(impl, x, cache, indptr[:-1], indices, cu[:-1], w, total=cut + extra)
+    for name, got, ref in (("k", k3, k), ("v", v3, v)):
+        assert_bitwise(f"{name}[:{cut}] (last sequence cut, total past it)", got[:cut], ref[:cut])
+        tail = got[cut:].float()
+        if not torch.isnan(tail).all():
+            i = int((~torch.isnan(tail)).flatten().nonzero()[0])
+            _fail(f"{name}[{cut}:] (rows past cu_kv_lens[-1] = {cut}, total = {cut + extra}): written "
+                  f"(first at flat index {i} of shape {tuple(tail.shape)}); expected untouched (NaN)")
+
+
+@prop(inp.cases(min_total=1), examples=0.2)
+def test_bad_total_rejected(impl, case):
+    """A bad host `total` (negative, not an int, non-zero with no sequences) raises
+    ValueError/TypeError naming it, before anything is launched."""
+    x = inp.build(case)
+    a, kw = list(x.args), dict(x.kwargs)
+    cache, indptr, indices, cu, w = a
+    with_arg, with_kw = editors(a, kw)
+    no_seqs = ([cache, indptr[:1], indices, cu[:1], w], {**kw, "total": 1})
+    rows = [("total negative", with_kw(total=-1), ValueError, "total"),
+            ("total float", with_kw(total=float(sum(case.lens))), TypeError, "total"),
+            ("total bool", with_kw(total=True), TypeError, "total"),
+            ("total 1 with no sequences", lambda: no_seqs, ValueError, "total")]
+    with forbid_launches("a bad total"):
+        check_bad_calls(impl, rows)
+
+
 UNIFORM_CASES = st.builds(lambda c, s: c.replace(uniform=s), inp.cases(w_scale="block"), inp.uniform_scales())
 
 
@@ -245,15 +291,15 @@ def test_oracle_rejects_bad_input(case):
 
 @prop(st.fixed_dictionaries({"log2_heads": st.integers(19, 21)}), examples=0.1)
 def test_tile_count_limit_rejected(impl, case):
-    """The kernel divides tile and K-step indices by float multiplies that are exact below 2^20: a
-    weight with 2^20 or more output tiles (2^log2_heads heads of qk_nope = v = 1, as a stride-0
-    view) is refused with a ValueError naming w_kv_b before any kernel is launched (a launch fails
-    the property at once: the call runs under guard.forbid_launches)."""
+    """The kernel divides output column indices by a float multiply that is exact below 2^20: a
+    weight with 2^20 or more rows (2^log2_heads heads of qk_nope = v = 1, as a stride-0 view) is
+    refused with a ValueError naming w_kv_b before any kernel is launched (a launch fails the
+    property at once: the call runs under guard.forbid_launches)."""
     dev, H, L = backend.DEVICE, 2 ** case.log2_heads, 16
     cache = torch.zeros(1, 4, L, dtype=torch.bfloat16, device=dev)
     w = torch.zeros(1, L, dtype=torch.bfloat16, device=dev).expand(2 * H, L)
     i32 = dict(dtype=torch.int32, device=dev)
-    with forbid_launches(f"{2 * H} output tiles (2^20 or more)"):
+    with forbid_launches(f"{2 * H} weight rows (2^20 or more)"):
         with pytest.raises(ValueError, match="w_kv_b.*2\\^20"):
             impl(cache, torch.tensor([0, 1], **i32), torch.tensor([0], **i32), torch.tensor([0, 1], **i32), w,
                  kv_lora_rank=L, qk_nope_head_dim=1, v_head_dim=1)

@@ -11,12 +11,9 @@ from properties.mutants._mutate import entry
 OP = "gather_kv_b_proj"
 _entry = functools.partial(entry, "kernels.gather_kv_b_proj", "gather_kv_b_proj")
 
-# qk_nope assumed equal to v_head_dim: the weight's head stride taken as 2 * min(qk, v) (the true
-# stride only when they are equal; the min keeps every row read below N)
-qk_equals_v = _entry(
-    "qk_equals_v",
-    ("w_row0 = i_h * (QK + VD) + tl.where(is_k, 0, QK) + d0",
-     "w_row0 = i_h * 2 * tl.minimum(QK, VD) + tl.where(is_k, 0, QK) + d0"))
+# qk_nope assumed equal to v_head_dim: a head's rows split into K-nope and V halves at (qk + v) / 2
+# (the true split only when they are equal; every store stays inside the k/v buffer)
+qk_equals_v = _entry("qk_equals_v", ("    is_k = i_r < QK\n", "    is_k = i_r < HD // 2\n"))
 
 # unmasked tail read: the sequence search takes `<` for `<=`, so the first token of every sequence
 # is read as token len(b-1) of the previous one: past its length, in the tail of its last block
@@ -26,17 +23,16 @@ tail_read_past_len = _entry("tail_read_past_len", ("m_go = b_cu <= o_t", "m_go =
 # upstream's bug: with an fp8 cache, a bf16/fp16 weight is rounded to fp8 before the dot
 bf16_weight_to_fp8 = _entry(
     "bf16_weight_to_fp8",
-    ("\n            b_acc = acc[g]\n",
+    ("\n            if EXACT_ROUNDING:\n                # interpreter: numpy",
      "\n            if cache.dtype.element_ty == tl.float8e4nv:\n"
      "                b_w = b_w.to(tl.float8e4nv)\n"
-     "            b_acc = acc[g]\n"))
+     "            if EXACT_ROUNDING:\n                # interpreter: numpy"))
 
 # the 128x128 block scale indexed by head instead of by the absolute weight row r // 128
 # (rows past the scale tensor land in its guard band)
 block_scale_per_head = _entry(
     "block_scale_per_head",
-    ("b_s = tl.load(w_scale + (o_wrow // 128) * s_sn + (k0 // 128) * s_sl, mask=m_n, other=0.0)",
-     "b_s = tl.load(w_scale + (o_wrow * 0 + i_h) * s_sn + (k0 // 128) * s_sl, mask=m_n, other=0.0)"))
+    ("b_s = tl.load(w_scale + ((n0 + o_n) // 128) * s_sn", "b_s = tl.load(w_scale + ((n0 + o_n) // (QK + VD)) * s_sn"))
 
 # the block scale multiplies the running sum, not the K step's partial product: earlier steps
 # are scaled again at every later step
@@ -72,11 +68,18 @@ latent_unmasked_k = _entry(
     ("b_a = tl.load(p_a, mask=m_row[:, None] & m_k[None, :], other=0.0)",
      "b_a = tl.load(p_a, mask=m_row[:, None], other=0.0)"))
 
-# the launcher does not refuse 2^20 or more output tiles (the kernel's float divisions are exact
+# the launcher does not refuse 2^20 or more weight rows (the kernel's float division is exact
 # only below)
-tile_limit_unchecked = _entry(
-    "tile_limit_unchecked",
-    ("    if max(n_out_tiles, n_steps * n_k) >= 2 ** 20:", "    if False:"))
+tile_limit_unchecked = _entry("tile_limit_unchecked", ("    if n_out_tiles * cfg.BN >= 2 ** 20:", "    if False:"))
+
+# rows are masked against the host's total only: with a host total past cu_kv_lens[-1] the rows
+# past it are read (as tokens past the last sequence's length) and written
+device_total_ignored = _entry(
+    "device_total_ignored",
+    ("    m_t = (o_t < total) & (o_t < tl.load(cu_kv_lens + B).to(tl.int64))\n", "    m_t = o_t < total\n"))
+
+# the host total is not validated (a negative one reaches torch.empty)
+total_unchecked = _entry("total_unchecked", ('        check_int("total", total, lo=0, hi=2 ** 62)\n', ""))
 
 # the launcher checks nothing
 no_checks = _entry(
@@ -85,17 +88,16 @@ no_checks = _entry(
      "    P, H, mode = (kv_cache.shape[-1] - kv_lora_rank, w_kv_b.shape[0] // (qk_nope_head_dim + v_head_dim), "
      "0 if w_scale is None else (1 if w_scale.dim() == 1 else 2)) if True else _check("))
 
-# A speed plant, not a correctness one (no property can kill it; it is not in MUTANTS): the full
-# output tiles stored with the column mask too, which Triton lowers to 2-byte stores. The 16-byte
-# store check of ci/compile_check.py must fail on it.
-_FULL = "        tl.store(p_o, b_o, mask=m_row[:, None])\n"
+# A speed plant, not a correctness one (no property can kill it; it is not in MUTANTS): the output
+# offsets without the contiguity hints, which Triton lowers to 2-byte stores. The 16-byte store
+# check of ci/compile_check.py must fail on it.
 scalar_output_stores = _entry(
-    "scalar_output_stores", (_FULL, _FULL.replace("mask=m_row[:, None])", "mask=m_row[:, None] & m_n[None, :])")))
+    "scalar_output_stores", ("            o_o = tl.max_contiguous(tl.multiple_of(o_o, [1, 8]), [1, 8])\n", "            pass\n"))
 
 
 MUTANTS = {
     "qk_equals_v": ("qk_equals_v", ("test_equivalence",),
-                    "qk_nope_head_dim assumed equal to v_head_dim (weight head stride 2 * min(qk, v))"),
+                    "qk_nope_head_dim assumed equal to v_head_dim (K/V split at (qk + v) / 2)"),
     "tail_read_past_len": ("tail_read_past_len",
                            ("test_equivalence", "test_unheld_slots_ignored", "test_batch_split_invariance"),
                            "a sequence's first token read from past the previous sequence's length"),
@@ -114,5 +116,8 @@ MUTANTS = {
                           "latent load not masked at column L: reads past the row"),
     "no_checks": ("no_checks", ("test_bad_input_rejected",), "the launcher validates nothing"),
     "tile_limit_unchecked": ("tile_limit_unchecked", ("test_tile_count_limit_rejected",),
-                             "2^20 or more output tiles are not refused"),
+                             "2^20 or more weight rows are not refused"),
+    "device_total_ignored": ("device_total_ignored", ("test_host_total",),
+                             "rows masked by the host total only: rows past cu_kv_lens[-1] read and written"),
+    "total_unchecked": ("total_unchecked", ("test_bad_total_rejected",), "the host total is not validated"),
 }
