@@ -268,21 +268,29 @@ class Config(NamedTuple):
     tiles_per_program: int = 8  # output tiles one program computes for its token tile
 
 
-def pick_config(cache_dtype: torch.dtype, w_dtype: torch.dtype) -> Config:
-    """One config per operand width: output tiles cross head and segment boundaries, so the head
-    dims do not pick the tile."""
+def pick_config(cache_dtype: torch.dtype, w_dtype: torch.dtype, out_dtype: torch.dtype) -> Config:
+    """One config per operand width (output tiles cross head and segment boundaries, so the head
+    dims do not pick the tile), smaller for a float32 output from 16-bit operands."""
     if interpreting():
         return Config(BT=16, BN=32, BK=32, num_warps=4, num_stages=1, tiles_per_program=4)
-    # measured on an H100 (bench --sweep, 16384 tokens, DeepSeek-V3 and qk 192 / v 256 dims, host
-    # total given): 16-bit operands: 128 x 256 tiles on 8 warps, BK 64, 3 stages (0.180 / 0.290
-    # ms; BK 32 with 4-5 stages 0.182-0.191 / 0.298-0.316; 128 x 128 on 4 warps 0.187 / 0.312);
+    # measured on an H100 (16384 tokens, DeepSeek-V3 and qk 192 / v 256 dims, host total given):
+    # 16-bit operands: 128 x 256 tiles on 8 warps, BK 64, 3 stages (0.164-0.167 / 0.271-0.272
+    # ms; BK 32 with 4-6 stages 0.167-0.191 / 0.286-0.316; 128 x 128 on 4 warps 0.187 / 0.312;
+    # 64-row tiles 0.19-0.25). 4 stages (192 KB) ran 0.157 / 0.262 but failed a bit-exact
+    # property once on the GPU, cause not found: not used;
     # fp8 x fp8: 64 x 128 tiles on 4 warps, BK 128 (one block scale per K step), 4 stages (0.152 /
     # 0.248 against 0.162-0.173 / 0.280-0.286 with 3); an fp8 weight beside a 16-bit cache: the
-    # same with 3 stages (0.319 / 0.536; 4 stages need 128 KB of shared memory: 0.507 / 0.870)
+    # same with 3 stages (0.296-0.319 / 0.507-0.536; 4 stages need 128 KB of shared memory:
+    # 0.494-0.507 / 0.856-0.870)
     if cache_dtype == w_dtype == FP8:
         return Config(BT=64, BN=128, BK=128, num_warps=4, num_stages=4, tiles_per_program=32)
     if FP8 in (cache_dtype, w_dtype):
         return Config(BT=64, BN=128, BK=128, num_warps=4, num_stages=3, tiles_per_program=32)
+    if out_dtype == torch.float32:
+        # the 16-byte stores of a float32 tile go through a [BT, BN] float32 layout conversion in
+        # shared memory: 128 KB at 128 x 256, beside 144 KB of copy buffers (272 KB, over the
+        # 227 KB an sm_90 block may use; 128 x 128 on 4 warps: 128 KB in all)
+        return Config(BT=128, BN=128, BK=64, num_warps=4, num_stages=3, tiles_per_program=16)
     return Config(BT=128, BN=256, BK=64, num_warps=8, num_stages=3, tiles_per_program=16)
 
 
@@ -370,7 +378,7 @@ def gather_kv_b_proj_launch(kv_cache, kv_indptr, kv_indices, cu_kv_lens, w_kv_b,
     v = buf[n_k_el:].view(total, H, VD)
     if total == 0 or H == 0:
         return k, v
-    cfg = config or pick_config(kv_cache.dtype, w_kv_b.dtype)
+    cfg = config or pick_config(kv_cache.dtype, w_kv_b.dtype, out_dtype)
     if cfg.BK > SCALE_BLOCK or SCALE_BLOCK % cfg.BK:
         raise ValueError(f"config: expected BK dividing {SCALE_BLOCK}, got {cfg.BK}")
     N = w_kv_b.shape[0]
