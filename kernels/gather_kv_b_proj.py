@@ -276,8 +276,10 @@ def pick_config(cache_dtype: torch.dtype, w_dtype: torch.dtype, out_dtype: torch
     # measured on an H100 (16384 tokens, DeepSeek-V3 and qk 192 / v 256 dims, host total given):
     # 16-bit operands: 128 x 256 tiles on 8 warps, BK 64, 3 stages (0.164-0.167 / 0.271-0.272
     # ms; BK 32 with 4-6 stages 0.167-0.191 / 0.286-0.316; 128 x 128 on 4 warps 0.187 / 0.312;
-    # 64-row tiles 0.19-0.25). 4 stages (192 KB) ran 0.157 / 0.262 but failed a bit-exact
-    # property once on the GPU, cause not found: not used;
+    # 64-row tiles 0.19-0.25). 4 stages (192 KB) ran 0.157 / 0.262, but a GPU run of the
+    # properties failed with them, most likely on a bf16 x fp16 case with a float32 output
+    # (272 KB of shared memory at 4 stages, 224 KB at 3; that output now has its own config);
+    # not used until they pass on the GPU;
     # fp8 x fp8: 64 x 128 tiles on 4 warps, BK 128 (one block scale per K step), 4 stages (0.152 /
     # 0.248 against 0.162-0.173 / 0.280-0.286 with 3); an fp8 weight beside a 16-bit cache: the
     # same with 3 stages (0.296-0.319 / 0.507-0.536; 4 stages need 128 KB of shared memory:
