@@ -34,9 +34,13 @@ Design
   16-term product), far inside bf16's rounding but outside float32's or float16's budget. An
   fp8 operand beside a bf16/fp16 one is converted to that 16-bit type (exact); bf16 beside fp16 runs
   as tf32 (exact for both). A bf16/fp16 weight is never rounded to fp8. kv_scale and a per-row
-  w_scale multiply the float32 accumulator at the end; a 128x128 block w_scale multiplies each K
-  step's partial product (BK divides 128, so a K step lies in one column block) with the scale of
-  the ABSOLUTE weight row r // 128 (blocks may straddle K/V and head boundaries).
+  w_scale multiply the float32 accumulator at the end. A 128x128 block w_scale is indexed by the
+  ABSOLUTE weight row r // 128 (blocks may straddle K/V and head boundaries) and column k // 128
+  (BK divides 128, so a K step lies in one column block). For a bf16 output from bf16 operands
+  (bf16, or fp8 beside bf16) the weight tile is dequantised, W * w_scale rounded once to bf16 (at
+  most 2^-9 of each term, inside the output's own rounding), and the K steps accumulate in one
+  chain of tensor-core products; otherwise (float16/float32 outputs, fp8 x fp8, a float16
+  partner) the scale multiplies each K step's exact partial product.
 - The rope part is written per head after the output tiles (the program of output tiles i_g,
   i_g + N_GROUPS, ... writes heads i_g, i_g + N_GROUPS, ...): the float32 product
   cache * kv_scale, rounded once to out_dtype (the same value torch gives for
@@ -122,7 +126,7 @@ def _gather_kv_b_proj_kernel(
     # block sizes and flags
     BT: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, BP: tl.constexpr,
     EVEN_K: tl.constexpr, EVEN_N: tl.constexpr, ALIGNED: tl.constexpr,
-    W_SCALE_MODE: tl.constexpr, HAS_KV_SCALE: tl.constexpr, HAS_PE: tl.constexpr,
+    W_SCALE_MODE: tl.constexpr, DEQUANT_W: tl.constexpr, HAS_KV_SCALE: tl.constexpr, HAS_PE: tl.constexpr,
     DOT_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr, EXACT_ROUNDING: tl.constexpr,
 ):
     # program -> (token tile, output tiles i_g, i_g + N_GROUPS, ...)
@@ -190,16 +194,22 @@ def _gather_kv_b_proj_kernel(
                 b_w = tl.load(p_w)
             else:
                 b_w = tl.load(p_w, mask=m_k[:, None], other=0.0)
+            if W_SCALE_MODE == 2:
+                # [BN] block scale of absolute row r // 128, column block k0 // 128 (BK divides 128)
+                b_s = tl.load(w_scale + ((n0 + o_n) // 128) * s_sn + (k0 // 128) * s_sl,
+                              mask=o_n < N - n0, other=0.0)
+                if DEQUANT_W:
+                    # bf16 output from bf16 operands: the weight tile W * w_scale is rounded once
+                    # to bf16 and the K steps accumulate in one chain of tensor-core products
+                    # [BK, BN]
+                    b_w = cast_to(b_w.to(tl.float32) * b_s[None, :], tl.bfloat16, EXACT_ROUNDING)
             if EXACT_ROUNDING:
                 # interpreter: numpy's sgemm (its tl.dot) rounds a row differently depending on
                 # its position in the tile; products summed over k in order are the same for
                 # every row
                 # [BT, BN]
                 b_p = tl.sum(b_a.to(tl.float32)[:, :, None] * b_w.to(tl.float32)[None, :, :], axis=1)
-            if W_SCALE_MODE == 2:
-                # [BN] block scale of absolute row r // 128, column block k0 // 128 (BK divides 128)
-                b_s = tl.load(w_scale + ((n0 + o_n) // 128) * s_sn + (k0 // 128) * s_sl,
-                              mask=o_n < N - n0, other=0.0)
+            if W_SCALE_MODE == 2 and not DEQUANT_W:
                 if not EXACT_ROUNDING:
                     b_p = tl.dot(b_a.to(DOT_DTYPE), b_w.to(DOT_DTYPE), input_precision=INPUT_PRECISION)
                 b_acc += b_p * b_s[None, :]
@@ -268,9 +278,11 @@ class Config(NamedTuple):
     tiles_per_program: int = 8  # output tiles one program computes for its token tile
 
 
-def pick_config(cache_dtype: torch.dtype, w_dtype: torch.dtype, out_dtype: torch.dtype) -> Config:
+def pick_config(cache_dtype: torch.dtype, w_dtype: torch.dtype, out_dtype: torch.dtype,
+                dequant_w: bool = False) -> Config:
     """One config per operand width (output tiles cross head and segment boundaries, so the head
-    dims do not pick the tile), smaller for a float32 output from 16-bit operands."""
+    dims do not pick the tile), smaller for a float32 output from 16-bit operands. `dequant_w`
+    (see dequantises_weight): an fp8 weight dequantised per tile runs as bf16 x bf16."""
     if interpreting():
         return Config(BT=16, BN=32, BK=32, num_warps=4, num_stages=1, tiles_per_program=4)
     # measured on an H100 (16384 tokens, DeepSeek-V3 and qk 192 / v 256 dims, host total given):
@@ -286,14 +298,25 @@ def pick_config(cache_dtype: torch.dtype, w_dtype: torch.dtype, out_dtype: torch
     # 0.494-0.507 / 0.856-0.870)
     if cache_dtype == w_dtype == FP8:
         return Config(BT=64, BN=128, BK=128, num_warps=4, num_stages=4, tiles_per_program=32)
-    if FP8 in (cache_dtype, w_dtype):
+    if FP8 in (cache_dtype, w_dtype) and not dequant_w:
         return Config(BT=64, BN=128, BK=128, num_warps=4, num_stages=3, tiles_per_program=32)
     if out_dtype == torch.float32:
         # the 16-byte stores of a float32 tile go through a [BT, BN] float32 layout conversion in
         # shared memory: 128 KB at 128 x 256, beside 144 KB of copy buffers (272 KB, over the
         # 227 KB an sm_90 block may use; 128 x 128 on 4 warps: 128 KB in all)
         return Config(BT=128, BN=128, BK=64, num_warps=4, num_stages=3, tiles_per_program=16)
-    return Config(BT=128, BN=256, BK=64, num_warps=8, num_stages=3, tiles_per_program=16)
+    return Config(BT=128, BN=256, BK=64, num_warps=8, num_stages=4, tiles_per_program=16)
+
+
+def dequantises_weight(cache_dtype: torch.dtype, w_dtype: torch.dtype, out_dtype: torch.dtype,
+                       block_scaled: bool) -> bool:
+    """True where a 128x128 block-scaled weight is dequantised per tile (W * w_scale rounded once
+    to bf16) rather than each K step's exact product scaled: a bf16 output whose operands multiply
+    as bf16 (bf16 or fp8 beside bf16). That rounding (at most 2^-9 of each term) lies inside the
+    output's own bf16 rounding. float16 and float32 outputs, fp8 x fp8 (fp8 tensor cores) and a
+    float16 partner (W * w_scale may overflow float16) keep the per-step scaling."""
+    pair = {cache_dtype, w_dtype}
+    return block_scaled and out_dtype == torch.bfloat16 and pair in ({torch.bfloat16}, {torch.bfloat16, FP8})
 
 
 def _dot_dtype(cache_dtype: torch.dtype, w_dtype: torch.dtype, out_dtype: torch.dtype) -> Tuple[object, str]:
@@ -380,7 +403,8 @@ def gather_kv_b_proj_launch(kv_cache, kv_indptr, kv_indices, cu_kv_lens, w_kv_b,
     v = buf[n_k_el:].view(total, H, VD)
     if total == 0 or H == 0:
         return k, v
-    cfg = config or pick_config(kv_cache.dtype, w_kv_b.dtype, out_dtype)
+    dequant_w = dequantises_weight(kv_cache.dtype, w_kv_b.dtype, out_dtype, mode == W_SCALE_BLOCK)
+    cfg = config or pick_config(kv_cache.dtype, w_kv_b.dtype, out_dtype, dequant_w)
     if cfg.BK > SCALE_BLOCK or SCALE_BLOCK % cfg.BK:
         raise ValueError(f"config: expected BK dividing {SCALE_BLOCK}, got {cfg.BK}")
     N = w_kv_b.shape[0]
@@ -408,7 +432,7 @@ def gather_kv_b_proj_launch(kv_cache, kv_indptr, kv_indices, cu_kv_lens, w_kv_b,
         v.stride(0), v.stride(1), v.stride(2),
         BT=cfg.BT, BN=cfg.BN, BK=cfg.BK, BP=max(16, triton.next_power_of_2(max(P, 1))),
         EVEN_K=L % cfg.BK == 0, EVEN_N=N % cfg.BN == 0, ALIGNED=QK % 8 == 0 and VD % 8 == 0 and P % 8 == 0,
-        W_SCALE_MODE=mode, HAS_KV_SCALE=kv_scale is not None, HAS_PE=P > 0,
+        W_SCALE_MODE=mode, DEQUANT_W=dequant_w, HAS_KV_SCALE=kv_scale is not None, HAS_PE=P > 0,
         DOT_DTYPE=dot_dtype, INPUT_PRECISION=precision, EXACT_ROUNDING=interpreting(),
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
