@@ -286,24 +286,28 @@ def pick_config(cache_dtype: torch.dtype, w_dtype: torch.dtype, out_dtype: torch
     if interpreting():
         return Config(BT=16, BN=32, BK=32, num_warps=4, num_stages=1, tiles_per_program=4)
     # measured on an H100 (16384 tokens, DeepSeek-V3 and qk 192 / v 256 dims, host total given):
-    # 16-bit operands: 128 x 256 tiles on 8 warps, BK 64, 3 stages (0.164-0.167 / 0.271-0.272
-    # ms; BK 32 with 4-6 stages 0.167-0.191 / 0.286-0.316; 128 x 128 on 4 warps 0.187 / 0.312;
-    # 64-row tiles 0.19-0.25). 4 stages (192 KB) ran 0.157 / 0.262, but a GPU run of the
-    # properties failed with them, most likely on a bf16 x fp16 case with a float32 output
-    # (272 KB of shared memory at 4 stages, 224 KB at 3; that output now has its own config);
-    # not used until they pass on the GPU;
-    # fp8 x fp8: 64 x 128 tiles on 4 warps, BK 128 (one block scale per K step), 4 stages (0.152 /
-    # 0.248 against 0.162-0.173 / 0.280-0.286 with 3); an fp8 weight beside a 16-bit cache: the
-    # same with 3 stages (0.296-0.319 / 0.507-0.536; 4 stages need 128 KB of shared memory:
-    # 0.494-0.507 / 0.856-0.870)
+    # 16-bit operands: 128 x 256 tiles on 8 warps, BK 64, 4 stages (0.157 / 0.257 ms; 3 stages
+    # 0.168 / 0.271; BK 32 with 4-5 stages 0.173-0.180 / 0.284-0.299; 128 x 128 on 4 warps 0.163 /
+    # 0.275; 64-row tiles 0.195-0.219);
+    # fp8 x fp8: 64 x 128 tiles on 4 warps, BK 128 (one block scale per K step), 4 stages (0.154 /
+    # 0.257 against 0.161 / 0.268 with 3); an fp8 operand beside a 16-bit one: the same with 3
+    # stages (bf16 x block-scaled fp8 with per-step scaling: 0.296-0.319 / 0.507-0.536; 4 stages
+    # need 128 KB of shared memory: 0.494-0.507 / 0.856-0.870);
+    # a dequantised weight tile (bf16 x block-scaled fp8, bf16 out): 128 x 128 on 4 warps, BK 64,
+    # 3 stages (0.205 / 0.351; the 16-bit config 0.238-0.243 / 0.406-0.408; 64 x 128 x 128 0.262 /
+    # 0.449). The converted tile passes through shared memory, so every K step waits for its
+    # product; with the weight as the register operand of the transposed product: 0.206-0.399 /
+    # 0.345-0.687.
+    if dequant_w:
+        return Config(BT=128, BN=128, BK=64, num_warps=4, num_stages=3, tiles_per_program=16)
     if cache_dtype == w_dtype == FP8:
         return Config(BT=64, BN=128, BK=128, num_warps=4, num_stages=4, tiles_per_program=32)
-    if FP8 in (cache_dtype, w_dtype) and not dequant_w:
+    if FP8 in (cache_dtype, w_dtype):
         return Config(BT=64, BN=128, BK=128, num_warps=4, num_stages=3, tiles_per_program=32)
     if out_dtype == torch.float32:
         # the 16-byte stores of a float32 tile go through a [BT, BN] float32 layout conversion in
-        # shared memory: 128 KB at 128 x 256, beside 144 KB of copy buffers (272 KB, over the
-        # 227 KB an sm_90 block may use; 128 x 128 on 4 warps: 128 KB in all)
+        # shared memory: 128 KB at 128 x 256, beside the copy buffers (over the 227 KB an sm_90
+        # block may use; 128 x 128 on 4 warps: 128 KB in all)
         return Config(BT=128, BN=128, BK=64, num_warps=4, num_stages=3, tiles_per_program=16)
     return Config(BT=128, BN=256, BK=64, num_warps=8, num_stages=4, tiles_per_program=16)
 
