@@ -1,7 +1,11 @@
 """Cases and inputs for kda (SPEC.md section 4): Kimi Delta Attention forward with grouped value heads.
 
 A case names the shapes (B, T, H, HV, K, V, or packed sequence lengths `lens`), dtypes, flags and
-a gate mode; `build` makes q, k, v, g, beta (and the initial state, cu_seqlens) from its seed.
+a gate mode and a key mode; `build` makes q, k, v, g, beta (and the initial state, cu_seqlens) from
+its seed. Key mode (`keys`, not drawn: set it in a --case replay): "random" (the default), or
+"repeated": every key of a head is one direction plus 1% noise and beta lies in [0.8, 1), as when
+a prompt repeats a token. A chunk's keys are then nearly collinear; chunk_kda's float32 error there
+reaches the error budget (bench/RESULTS.md, kda: "Repeated keys").
 Without use_qk_l2norm, random keys would make the delta rule diverge (S <- (I - beta k k^T) S is
 a contraction only for beta |k|^2 < 2), so k is drawn at ~0.5 / sqrt(K) per element then.
 """
@@ -17,6 +21,7 @@ from properties.harness import Case
 
 CHUNK = 64  # chunk size of chunk_kda: lengths around its multiples are drawn often
 GATES = ("logsigmoid", "slow", "zero", "extreme", "masked")
+KEYS = ("random", "repeated")
 G_MIN = -1000.0  # the most negative gate the contract requires to work
 
 
@@ -159,6 +164,17 @@ def gates(mode: str, shape, gen) -> torch.Tensor:
     raise ValueError(f"gate: expected one of {GATES}, got {mode!r}")
 
 
+def repeated_keys(k: torch.Tensor, gen) -> torch.Tensor:
+    """[B, T, H, K] keys: one random direction per head (unit length) plus 1% noise, times
+    sqrt(K) (the length of a random row). Drawn after every other tensor, so the other tensors of
+    a seed do not change."""
+    B, T, H, K = k.shape
+    # [H, K]
+    base = torch.randn((H, K), generator=gen)
+    base = base / base.norm(dim=-1, keepdim=True)
+    return (base + 0.01 * torch.randn((B, T, H, K), generator=gen)) * K ** 0.5
+
+
 def build(case, device=None) -> Inputs:
     device = device or backend.DEVICE
     gen = builders.generator(case.seed)
@@ -172,6 +188,9 @@ def build(case, device=None) -> Inputs:
     beta = torch.rand((B, T, HV), generator=gen)
     N = len(case.lens) if case.lens is not None else B
     h0 = torch.randn((N, HV, K, V), generator=gen) if case.h0 else None
+    if case.get("keys", "random") == "repeated":
+        k = repeated_keys(k, gen) * k_scale
+        beta = 0.8 + 0.2 * beta
     bdt = torch.float32 if case.beta_dtype == "float32" else act
     if case.layout == "strided":
         # q, k, v: head-dim slices of one fused projection row (row stride > width); g, beta and the
