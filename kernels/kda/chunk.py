@@ -303,16 +303,38 @@ def _load_cols(p, o_row, m_t, i_k, KS, BKS: tl.constexpr):
 
 
 @triton.jit
-def _out_dot(b_o, qg, o_row, m_t, i_k, KS, b_h, DO: tl.constexpr, UPCAST: tl.constexpr,
-             O_PREC: tl.constexpr, BKS: tl.constexpr):
-    """b_o + (q exp(G))[:, block i_k] S[block i_k, :], in the output path's operand dtype DO."""
-    # [BT, BKS]
-    b_qg = _load_cols(qg, o_row, m_t, i_k, KS, BKS)
-    # [BKS, BV]
-    b_ho = b_h.to(DO)
-    if UPCAST:
-        b_qg, b_ho = b_qg.to(tl.float32), b_ho.to(tl.float32)
-    return tl.dot(b_qg, b_ho, b_o, input_precision=O_PREC)
+def _split(x, SPLIT: tl.constexpr):
+    """(hi, lo) with x = hi + lo exactly and hi rounded to tf32 (10 mantissa bits), the operand
+    halves of a 3xTF32 product; (x, x) when SPLIT is off."""
+    if SPLIT:
+        hi = ((x.to(tl.int32, bitcast=True) + 0x1000) & -8192).to(tl.float32, bitcast=True)
+        return hi, x - hi
+    else:
+        return x, x
+
+
+@triton.jit
+def _dot_state(a, b_hi, b_lo, acc, SPLIT: tl.constexpr, DOT_PREC: tl.constexpr):
+    """acc + a b in float32 operands. SPLIT: 3xTF32 on a B operand already split by _split (a
+    split shared by every product that reads it: each split operand is one copy to shared
+    memory); otherwise one product at DOT_PREC on b_hi (the unsplit B)."""
+    if SPLIT:
+        a_hi, a_lo = _split(a, True)
+        acc = tl.dot(a_lo, b_hi, acc, input_precision="tf32")
+        acc = tl.dot(a_hi, b_lo, acc, input_precision="tf32")
+        return tl.dot(a_hi, b_hi, acc, input_precision="tf32")
+    else:
+        return tl.dot(a, b_hi, acc, input_precision=DOT_PREC)
+
+
+@triton.jit
+def _dot_out(a, b_hi, b_lo, acc, O_HI: tl.constexpr, SPLIT: tl.constexpr, DOT_PREC: tl.constexpr):
+    """acc + a b on the output path. O_HI (bf16 inputs): a (bf16 q exp(G) or Aqk) times the tf32
+    half of B, one tf32 product (exact: both are tf32 values); otherwise as on the state path."""
+    if O_HI:
+        return tl.dot(a.to(tl.float32), b_hi, acc, input_precision="tf32")
+    else:
+        return _dot_state(a.to(tl.float32), b_hi, b_lo, acc, SPLIT, DOT_PREC)
 
 
 @triton.jit
@@ -339,11 +361,12 @@ def _load_decay(gl, g_row, i_k, KS, BKS: tl.constexpr):
 
 
 @triton.jit
-def _state_step(b_h, b_gl, kg, o_row, m_t, i_k, KS, b_U, DOT_PREC: tl.constexpr, BKS: tl.constexpr):
+def _state_step(b_h, b_gl, kg, o_row, m_t, i_k, KS, u_hi, u_lo, SPLIT: tl.constexpr, DOT_PREC: tl.constexpr,
+                BKS: tl.constexpr):
     """State rows block i_k at the chunk's end: diag(exp(G_last)) S + (k exp(G_last - G))^T U."""
     # [BT, BKS]
     b_kg = _load_cols(kg, o_row, m_t, i_k, KS, BKS)
-    return b_h * b_gl[:, None] + tl.dot(tl.trans(b_kg), b_U, input_precision=DOT_PREC)
+    return b_h * b_gl[:, None] + _dot_state(tl.trans(b_kg), u_hi, u_lo, tl.zeros_like(b_h), SPLIT, DOT_PREC)
 
 
 @triton.jit(do_not_specialize=["T", "HV", "K", "V", "NT"])
@@ -353,7 +376,7 @@ def _kda_chunk_fwd_kernel(
     s_h0_n, s_h0_h, s_h0_k, s_h0_v,
     BT: tl.constexpr, BKS: tl.constexpr, NK: tl.constexpr, BV: tl.constexpr,
     USE_INITIAL_STATE: tl.constexpr, STORE_FINAL_STATE: tl.constexpr, IS_VARLEN: tl.constexpr,
-    UPCAST: tl.constexpr, DOT_PREC: tl.constexpr, O_PREC: tl.constexpr, EXACT_ROUNDING: tl.constexpr,
+    O_HI: tl.constexpr, DOT_PREC: tl.constexpr, EXACT_ROUNDING: tl.constexpr,
 ):
     """The state [K, V tile] is held as NK (1, 2 or 4) row blocks of BKS rows, each a tensor of its
     own, so every dot works on one block and only one block's operand is live at a time (a single
@@ -370,7 +393,7 @@ def _kda_chunk_fwd_kernel(
         eos = bos + T
         slot0 = i_n * NT
         row_base = i_n * T
-    DO = qg.dtype.element_ty  # operand dtype of the output dots
+    SPLIT: tl.constexpr = DOT_PREC == "tf32x3"
 
     o_t = tl.arange(0, BT)
     o_v = i_v * BV + tl.arange(0, BV)
@@ -395,41 +418,46 @@ def _kda_chunk_fwd_kernel(
         if NK >= 4:
             b_gl3 = _load_decay(gl, g_row, 2, KS, BKS)
             b_gl4 = _load_decay(gl, g_row, 3, KS, BKS)
-        # state path (U and the state update) in float32 operands at DOT_PREC; the output path in
-        # DO (bf16 for bf16 inputs: tensor cores; float32 otherwise)
-        # [BT, BV] the chunk's deltas: U = u - w S, one state row block at a time
-        b_ws = tl.dot(_load_cols(w, o_row, m_t, 0, KS, BKS), b_h1, input_precision=DOT_PREC)
+        # the state path (U and the state update) in float32 operands: 3xTF32 products whose B
+        # operand (a state block, U) is split once and shared (by the output path too)
+        s1_hi, s1_lo = _split(b_h1, SPLIT)
         if NK >= 2:
-            b_ws = tl.dot(_load_cols(w, o_row, m_t, 1, KS, BKS), b_h2, b_ws, input_precision=DOT_PREC)
+            s2_hi, s2_lo = _split(b_h2, SPLIT)
         if NK >= 4:
-            b_ws = tl.dot(_load_cols(w, o_row, m_t, 2, KS, BKS), b_h3, b_ws, input_precision=DOT_PREC)
-            b_ws = tl.dot(_load_cols(w, o_row, m_t, 3, KS, BKS), b_h4, b_ws, input_precision=DOT_PREC)
+            s3_hi, s3_lo = _split(b_h3, SPLIT)
+            s4_hi, s4_lo = _split(b_h4, SPLIT)
+        # [BT, BV] the chunk's deltas: U = u - w S, one state row block at a time
+        b_ws = tl.zeros([BT, BV], dtype=tl.float32)
+        b_ws = _dot_state(_load_cols(w, o_row, m_t, 0, KS, BKS), s1_hi, s1_lo, b_ws, SPLIT, DOT_PREC)
+        if NK >= 2:
+            b_ws = _dot_state(_load_cols(w, o_row, m_t, 1, KS, BKS), s2_hi, s2_lo, b_ws, SPLIT, DOT_PREC)
+        if NK >= 4:
+            b_ws = _dot_state(_load_cols(w, o_row, m_t, 2, KS, BKS), s3_hi, s3_lo, b_ws, SPLIT, DOT_PREC)
+            b_ws = _dot_state(_load_cols(w, o_row, m_t, 3, KS, BKS), s4_hi, s4_lo, b_ws, SPLIT, DOT_PREC)
         b_u = tl.load(u + o_row[:, None] * VS + o_v[None, :], mask=m_t[:, None] & (o_v < VS)[None, :], other=0.0)
         b_U = b_u.to(tl.float32) - b_ws
+        u_hi, u_lo = _split(b_U, SPLIT)
 
-        # [BT, BV] o = (q exp(G)) S + Aqk U
+        # [BT, BV] o = (q exp(G)) S + Aqk U; for bf16 inputs on the tf32 halves of S and U
         # [BT, BT]
         b_Aqk = tl.load(Aqk + o_row[:, None] * BT + o_t[None, :], mask=m_t[:, None], other=0.0)
-        b_Uo = b_U.to(DO)
-        if UPCAST:
-            b_Aqk, b_Uo = b_Aqk.to(tl.float32), b_Uo.to(tl.float32)
-        b_o = tl.dot(b_Aqk, b_Uo, input_precision=O_PREC)
-        b_o = _out_dot(b_o, qg, o_row, m_t, 0, KS, b_h1, DO, UPCAST, O_PREC, BKS)
+        b_o = _dot_out(b_Aqk, u_hi, u_lo, tl.zeros([BT, BV], dtype=tl.float32), O_HI, SPLIT, DOT_PREC)
+        b_o = _dot_out(_load_cols(qg, o_row, m_t, 0, KS, BKS), s1_hi, s1_lo, b_o, O_HI, SPLIT, DOT_PREC)
         if NK >= 2:
-            b_o = _out_dot(b_o, qg, o_row, m_t, 1, KS, b_h2, DO, UPCAST, O_PREC, BKS)
+            b_o = _dot_out(_load_cols(qg, o_row, m_t, 1, KS, BKS), s2_hi, s2_lo, b_o, O_HI, SPLIT, DOT_PREC)
         if NK >= 4:
-            b_o = _out_dot(b_o, qg, o_row, m_t, 2, KS, b_h3, DO, UPCAST, O_PREC, BKS)
-            b_o = _out_dot(b_o, qg, o_row, m_t, 3, KS, b_h4, DO, UPCAST, O_PREC, BKS)
+            b_o = _dot_out(_load_cols(qg, o_row, m_t, 2, KS, BKS), s3_hi, s3_lo, b_o, O_HI, SPLIT, DOT_PREC)
+            b_o = _dot_out(_load_cols(qg, o_row, m_t, 3, KS, BKS), s4_hi, s4_lo, b_o, O_HI, SPLIT, DOT_PREC)
         # o is contiguous [B, T, HV, V]: its row index equals the intermediates'
         tl.store(o + o_row[:, None] * V + o_v[None, :], cast_to(b_o, o.dtype.element_ty, EXACT_ROUNDING),
                  mask=m_t[:, None] & m_v[None, :])
 
-        b_h1 = _state_step(b_h1, b_gl1, kg, o_row, m_t, 0, KS, b_U, DOT_PREC, BKS)
+        b_h1 = _state_step(b_h1, b_gl1, kg, o_row, m_t, 0, KS, u_hi, u_lo, SPLIT, DOT_PREC, BKS)
         if NK >= 2:
-            b_h2 = _state_step(b_h2, b_gl2, kg, o_row, m_t, 1, KS, b_U, DOT_PREC, BKS)
+            b_h2 = _state_step(b_h2, b_gl2, kg, o_row, m_t, 1, KS, u_hi, u_lo, SPLIT, DOT_PREC, BKS)
         if NK >= 4:
-            b_h3 = _state_step(b_h3, b_gl3, kg, o_row, m_t, 2, KS, b_U, DOT_PREC, BKS)
-            b_h4 = _state_step(b_h4, b_gl4, kg, o_row, m_t, 3, KS, b_U, DOT_PREC, BKS)
+            b_h3 = _state_step(b_h3, b_gl3, kg, o_row, m_t, 2, KS, u_hi, u_lo, SPLIT, DOT_PREC, BKS)
+            b_h4 = _state_step(b_h4, b_gl4, kg, o_row, m_t, 3, KS, u_hi, u_lo, SPLIT, DOT_PREC, BKS)
 
     if STORE_FINAL_STATE:
         _store_block(ht, b_h1, 0, i_n, i_hv, o_v, HV, K, V, BKS)
@@ -454,11 +482,11 @@ def _launch_config(K: int, V: int, bf16_out_path: bool, half_inputs: bool, n_hea
     # programs still fit on the SMs (one sequence, HV 16: 128 programs on 132 SMs): 8.54 against
     # 9.21 ms; past that it loses (HV 32: 14.5 against 14.4; varlen 8 x 4096, HV 16: 7.26 against
     # 6.54).
-    # Narrow tiles need o_tf32: Triton 3.6 miscompiles the bf16 output dots whose B operand is a
-    # [64, BV < 64] bf16 tile converted from registers (b_h.to(DO)): with 8 warps compute-sanitizer
-    # reports an out-of-bounds shared read there, with 4 warps o comes out wrong (NaN) while the
-    # float32 state is right. With o_tf32 the same bf16-rounded operands are upcast to float32 and
-    # multiplied as tf32 (exact on bf16 values, so o is unchanged) and both are correct.
+    # The output dots never take a bf16 B operand converted from registers: Triton 3.6 miscompiles
+    # a [64, BV < 64] one (with 8 warps compute-sanitizer reports an out-of-bounds shared read, with
+    # 4 warps o comes out NaN while the float32 state is right). They read the float32 tf32 halves
+    # of S and U that the state path's 3xTF32 products already split (one shared copy each):
+    # 9 -> 6 register-to-shared copies per chunk, state kernel 3.19 -> 2.86 ms (HV 16).
     # Two stages (the next chunk's tiles copied in while this one computes) fit in shared memory
     # with the bf16 output path up to K = 128 (112 KiB there at BV = 32); fp16 and fp32 inputs
     # keep a float32 output path and one stage (BV 32, one stage: 10.7 ms).
@@ -474,7 +502,7 @@ def _launch_config(K: int, V: int, bf16_out_path: bool, half_inputs: bool, n_hea
     # of 3 without spilling for 16-bit q/k and K % 16 == 0 (HV 16: 3.33 -> 3.02 ms, HV 32: 6.48 ->
     # 6.01). Odd K or float32 inputs would spill under the cap, so they keep the default.
     maxnreg_intra = 128 if half_inputs and K % 16 == 0 else None
-    return dict(BV=BV, o_tf32=True, warps_fwd=4, stages_fwd=stages,
+    return dict(BV=BV, warps_fwd=4, stages_fwd=stages,
                 BK_I=16, warps_intra=4, maxnreg_intra=maxnreg_intra,
                 BK_W=min(BK, 32), BV_W=max(16, min(pow2(V), 32)), warps_wu=4)
 
@@ -521,8 +549,9 @@ def chunk_kda(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor
 
     Precision: the final state is a float32 output, so the state path (Akk, the solve, w, u,
     k exp(G_last - G), the state GEMMs) is float32 with 3xTF32 tensor-core dots (IEEE dots for
-    float32 inputs). Only the output path (q exp(G), Aqk, and the o GEMMs) runs in bf16 for bf16
-    inputs (fla keeps everything in bf16, which misses the float32 state budget by ~1e3x).
+    float32 inputs). Only the output path's q exp(G) and Aqk are stored in bf16 for bf16 inputs,
+    multiplied with the tf32-rounded halves of S and U (fla keeps everything in bf16, which misses
+    the float32 state budget by ~1e3x).
     """
     d = check_kda_args(q, k, v, g, beta, scale, initial_state, output_final_state, cu_seqlens,
                        use_qk_l2norm)
@@ -605,11 +634,6 @@ def chunk_kda(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor
     h0 = initial_state if initial_state is not None else dummy
     h0_strides = initial_state.stride() if initial_state is not None else (0, 0, 0, 0)
     BV = cfg["BV"]
-    # output path operands: bf16 for bf16 inputs; upcast to float32 under the interpreter (its bf16
-    # arithmetic is unreliable) and with o_tf32, as tf32 dots (exact on bf16 values)
-    o_tf32 = cfg["o_tf32"] and not exact and o_path != f32
-    upcast = (exact and o_path != f32) or o_tf32
-    o_prec = "tf32" if o_tf32 else dot_prec
     _kda_chunk_fwd_kernel[(triton.cdiv(V, BV), N * HV)](
         w, u, qg, kg, gl, Aqk, o, h0, ht if ht is not None else dummy, cs,
         chunk_offsets if is_varlen else dummy,
@@ -617,7 +641,7 @@ def chunk_kda(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor
         BT=BT, BKS=min(dot_dim(K), 64), NK=max(1, dot_dim(K) // 64),
         BV=BV, USE_INITIAL_STATE=initial_state is not None, STORE_FINAL_STATE=output_final_state,
         IS_VARLEN=is_varlen,
-        UPCAST=upcast, DOT_PREC=dot_prec, O_PREC=o_prec, EXACT_ROUNDING=exact,
+        O_HI=o_path == torch.bfloat16, DOT_PREC=dot_prec, EXACT_ROUNDING=exact,
         num_warps=cfg["warps_fwd"], num_stages=cfg["stages_fwd"],
     )
     return o, ht
