@@ -143,7 +143,13 @@ def kda_cases(kda):
         kda(q, k, v, g, beta, initial_state=s0, output_final_state=True, cu_seqlens=cu, use_qk_l2norm=l2norm)
 
     yield "H=4 HV=8 K=V=128 bf16, initial state", lambda: case()
-    yield "H=HV=16 K=V=128 bf16 (the bench shape)", lambda: case(H=16, HV=16, T=64)
+    # the launch config assumes 8 SMs for CPU tensors: HV = 16 runs more state programs than SMs
+    # (V tiles of 32, one stage), HV = 2 fills them with V tiles of 32 (2 stages), HV = 1 with
+    # V tiles of 16 (3 stages)
+    yield "H=HV=16 K=V=128 bf16 (the bench shape; more programs than SMs, one stage)", \
+        lambda: case(H=16, HV=16, T=64)
+    yield "H=HV=2 K=V=128 bf16, one sequence (state kernel on V tiles of 32, 2 stages)", \
+        lambda: case(H=2, HV=2, lens=[64])
     yield "H=HV=1 K=V=128 bf16, one sequence (state kernel on V tiles of 16, 3 stages)", \
         lambda: case(H=1, HV=1, lens=[64])
     yield "varlen, l2norm, fp16", lambda: case(lens=[3, 64, 70], l2norm=True, dtype=torch.float16)

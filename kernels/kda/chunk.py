@@ -495,9 +495,13 @@ def _launch_config(K: int, V: int, bf16_out_path: bool, half_inputs: bool, n_hea
     # 32 (BV = 64 states: BK_W 16 12.7 ms against 12.5; BV_W 64 12.5 against 12.1; 8 WY/UT warps
     # 14.5).
     BV = 16 if n_heads * triton.cdiv(V, 16) <= n_sm else 32
-    # the bf16 output path up to K = 128 pipelines 2 stages, 3 with BV = 16 (196 KiB of shared
-    # memory at K = 128; HV 16: 8.38 against 8.53 ms)
-    stages = (3 if BV == 16 else 2) if bf16_out_path and BK <= 128 else 1
+    # the bf16 output path up to K = 128 pipelines 2 stages, 3 with BV = 16 (200 KiB of shared
+    # memory at K = 128; HV 16: 8.38 against 8.53 ms), while the programs fit on the SMs. Past
+    # that, two programs share an SM (255 registers each) and one stage keeps both resident: two
+    # stages (96 KiB of copy buffers beside 32 KiB of split operands) leave one per SM (varlen 8 x
+    # 4096, state kernel: HV 16 1.35 against 1.75 ms, HV 32 2.60 against 3.49).
+    fits = n_heads * triton.cdiv(V, BV) <= n_sm
+    stages = (3 if BV == 16 else 2) if bf16_out_path and BK <= 128 and fits else 1
     # The intra-chunk kernel needs 134 registers; capped at 128 it fits 4 programs per SM instead
     # of 3 without spilling for 16-bit q/k and K % 16 == 0 (HV 16: 3.33 -> 3.02 ms, HV 32: 6.48 ->
     # 6.01). Odd K or float32 inputs would spill under the cap, so they keep the default.
