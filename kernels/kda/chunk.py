@@ -486,9 +486,9 @@ def _launch_config(K: int, V: int, bf16_out_path: bool, half_inputs: bool, n_hea
     # a [64, BV < 64] one (with 8 warps compute-sanitizer reports an out-of-bounds shared read, with
     # 4 warps o comes out NaN while the float32 state is right). They read the float32 tf32 halves
     # of S and U that the state path's 3xTF32 products already split (one shared copy each):
-    # 9 -> 6 register-to-shared copies per chunk, state kernel 3.19 -> 2.86 ms (HV 16).
+    # 9 -> 6 register-to-shared copies per chunk, state kernel 3.19 -> 2.90 ms (HV 16).
     # Two stages (the next chunk's tiles copied in while this one computes) fit in shared memory
-    # with the bf16 output path up to K = 128 (112 KiB there at BV = 32); fp16 and fp32 inputs
+    # with the bf16 output path up to K = 128 (128 KiB there at BV = 32); fp16 and fp32 inputs
     # keep a float32 output path and one stage (BV 32, one stage: 10.7 ms).
     # The intra-chunk kernel runs 4 warps and K steps of 16 (9.2 / 14.4 ms against 9.4 / 14.7 with
     # 2 warps and 11.5 / 19.1 with K steps of 32); the WY/UT kernel K steps of 32 and V steps of
