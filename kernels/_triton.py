@@ -20,10 +20,15 @@ def interpreting() -> bool:
 
 
 @triton.jit
-def _round_bits(x, DROP: tl.constexpr):
-    # round float32 to nearest even, keeping 23 - DROP mantissa bits
+def round_bits(x, DROP: tl.constexpr, TIES_EVEN: tl.constexpr = True):
+    """float32 x rounded to nearest with 23 - DROP mantissa bits kept (DROP = 13: tf32); ties to
+    even, or away from zero with TIES_EVEN off (two integer operations fewer, for hot loops where
+    any rounding to nearest will do)."""
     b_bits = x.to(tl.uint32, bitcast=True)
-    b_bits = b_bits + ((1 << (DROP - 1)) - 1) + ((b_bits >> DROP) & 1)
+    if TIES_EVEN:
+        b_bits = b_bits + ((1 << (DROP - 1)) - 1) + ((b_bits >> DROP) & 1)
+    else:
+        b_bits = b_bits + (1 << (DROP - 1))
     b_bits = (b_bits >> DROP) << DROP
     return b_bits.to(tl.float32, bitcast=True)
 
@@ -37,10 +42,10 @@ def cast_to(x, dtype: tl.constexpr, EXACT_ROUNDING: tl.constexpr):
     """
     if EXACT_ROUNDING:
         if dtype == tl.bfloat16:
-            x = _round_bits(x, 16)
+            x = round_bits(x, 16)
         elif dtype == tl.float8e4nv:
             # normal numbers keep 3 mantissa bits; below 2**-6 the spacing is fixed at 2**-9
-            b_norm = _round_bits(x, 20)
+            b_norm = round_bits(x, 20)
             b_sub = ((x * 512.0 + 12582912.0) - 12582912.0) * 0.001953125  # 12582912 = 1.5 * 2**23
             x = tl.where(tl.abs(x) < 0.015625, b_sub, b_norm)
     return x.to(dtype)

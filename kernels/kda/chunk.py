@@ -29,7 +29,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels._triton import cast_to, interpreting
+from kernels._triton import cast_to, interpreting, round_bits
 from kernels.kda._common import check_kda_args, empty_result, load_state, pow2, store_state
 from kernels.kda.fused_recurrent import fused_recurrent_kda
 
@@ -307,7 +307,7 @@ def _split(x, SPLIT: tl.constexpr):
     """(hi, lo) with x = hi + lo exactly and hi rounded to tf32 (10 mantissa bits), the operand
     halves of a 3xTF32 product; (x, x) when SPLIT is off."""
     if SPLIT:
-        hi = ((x.to(tl.int32, bitcast=True) + 0x1000) & -8192).to(tl.float32, bitcast=True)
+        hi = round_bits(x, 13, False)  # ties away: the cheapest rounding on the sequential path
         return hi, x - hi
     else:
         return x, x
