@@ -117,8 +117,10 @@ def gather_cases(gather_kv_b_proj):
         lambda: case(out=torch.float32)
     yield "bf16 cache x fp16 weight (tf32 dots), fp32 out, DeepSeek-V3 dims", \
         lambda: case(weight=torch.float16, out=torch.float32)
-    yield "bf16 cache x fp8 weight, block scales (the weight tile dequantised to bf16)", \
+    yield "bf16 cache x fp8 weight, block scales (the weight dequantised to bf16 first)", \
         lambda: case(weight=fp8, w_scale="block")
+    yield "fp8 cache x fp16 weight, block scales, fp16 out (per-step scales on the 16-bit config)", \
+        lambda: case(cache=fp8, weight=torch.float16, w_scale="block", kv_scale=True, out=torch.float16)
     yield "fp8 cache x fp8 weight, block scales", lambda: case(cache=fp8, weight=fp8, w_scale="block", kv_scale=True)
     yield "fp8 cache x fp8 weight, fp32 out (bf16 dots)", lambda: case(cache=fp8, weight=fp8, out=torch.float32)
     yield "qk=192 v=256, fp8 weight, per-row scale", lambda: case(qk=192, v=256, weight=fp8, w_scale="row")

@@ -37,9 +37,10 @@ Design
   w_scale multiply the float32 accumulator at the end. A 128x128 block w_scale is indexed by the
   ABSOLUTE weight row r // 128 (blocks may straddle K/V and head boundaries) and column k // 128
   (BK divides 128, so a K step lies in one column block). For a bf16 output from bf16 operands
-  (bf16, or fp8 beside bf16) the weight tile is dequantised, W * w_scale rounded once to bf16 (at
-  most 2^-9 of each term, inside the output's own rounding), and the K steps accumulate in one
-  chain of tensor-core products; otherwise (float16/float32 outputs, fp8 x fp8, a float16
+  (bf16, or fp8 beside bf16) the weight is dequantised first by a small kernel of its own
+  (W * w_scale rounded once to bf16: at most 2^-9 of each term, inside the output's own
+  rounding; [N, L], a few MB, once per call rather than once per token tile), and the product
+  runs unscaled, the K steps in one chain of tensor-core products; otherwise (float16/float32 outputs, fp8 x fp8, a float16
   partner) the scale multiplies each K step's exact partial product.
 - The rope part is written per head after the output tiles (the program of output tiles i_g,
   i_g + N_GROUPS, ... writes heads i_g, i_g + N_GROUPS, ...): the float32 product
@@ -126,7 +127,7 @@ def _gather_kv_b_proj_kernel(
     # block sizes and flags
     BT: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, BP: tl.constexpr,
     EVEN_K: tl.constexpr, EVEN_N: tl.constexpr, ALIGNED: tl.constexpr,
-    W_SCALE_MODE: tl.constexpr, DEQUANT_W: tl.constexpr, HAS_KV_SCALE: tl.constexpr, HAS_PE: tl.constexpr,
+    W_SCALE_MODE: tl.constexpr, HAS_KV_SCALE: tl.constexpr, HAS_PE: tl.constexpr,
     DOT_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr, EXACT_ROUNDING: tl.constexpr,
 ):
     # program -> (token tile, output tiles i_g, i_g + N_GROUPS, ...)
@@ -198,18 +199,13 @@ def _gather_kv_b_proj_kernel(
                 # [BN] block scale of absolute row r // 128, column block k0 // 128 (BK divides 128)
                 b_s = tl.load(w_scale + ((n0 + o_n) // 128) * s_sn + (k0 // 128) * s_sl,
                               mask=o_n < N - n0, other=0.0)
-                if DEQUANT_W:
-                    # bf16 output from bf16 operands: the weight tile W * w_scale is rounded once
-                    # to bf16 and the K steps accumulate in one chain of tensor-core products
-                    # [BK, BN]
-                    b_w = cast_to(b_w.to(tl.float32) * b_s[None, :], tl.bfloat16, EXACT_ROUNDING)
             if EXACT_ROUNDING:
                 # interpreter: numpy's sgemm (its tl.dot) rounds a row differently depending on
                 # its position in the tile; products summed over k in order are the same for
                 # every row
                 # [BT, BN]
                 b_p = tl.sum(b_a.to(tl.float32)[:, :, None] * b_w.to(tl.float32)[None, :, :], axis=1)
-            if W_SCALE_MODE == 2 and not DEQUANT_W:
+            if W_SCALE_MODE == 2:
                 if not EXACT_ROUNDING:
                     b_p = tl.dot(b_a.to(DOT_DTYPE), b_w.to(DOT_DTYPE), input_precision=INPUT_PRECISION)
                 b_acc += b_p * b_s[None, :]
@@ -269,6 +265,37 @@ def _gather_kv_b_proj_kernel(
                 tl.store(p_pe, b_pe, mask=m_pe)
 
 
+@triton.jit
+def _dequant_weight_kernel(w, w_scale, out, N, L, s_wn, s_wl, s_sn, s_sl, s_on, s_ol,
+                           BN: tl.constexpr, BL: tl.constexpr, EXACT_ROUNDING: tl.constexpr):
+    """out[n, l] = W[n, l] * w_scale[n // 128, l // 128] rounded once to bf16, one [BN, BL] tile per
+    program (BL = 128: a tile lies in one column block of the scale)."""
+    i_n, i_l = tl.program_id(0).to(tl.int64), tl.program_id(1).to(tl.int64)
+    # [BN], [BL]
+    o_n = i_n * BN + tl.arange(0, BN)
+    o_l = i_l * BL + tl.arange(0, BL)
+    m_n = o_n < N
+    m = m_n[:, None] & (o_l < L)[None, :]
+    # [BN, BL]
+    b_w = tl.load(w + o_n[:, None] * s_wn + o_l[None, :] * s_wl, mask=m, other=0.0).to(tl.float32)
+    # [BN] block scale of absolute row n // 128, column block l // 128 = i_l
+    b_s = tl.load(w_scale + (o_n // 128) * s_sn + i_l * s_sl, mask=m_n, other=0.0)
+    tl.store(out + o_n[:, None] * s_on + o_l[None, :] * s_ol,
+             cast_to(b_w * b_s[:, None], tl.bfloat16, EXACT_ROUNDING), mask=m)
+
+
+def dequantise_weight(w_kv_b: torch.Tensor, w_scale: torch.Tensor) -> torch.Tensor:
+    """[N, L] bfloat16: the 128x128-block-scaled weight W * w_scale, each product rounded once."""
+    N, L = w_kv_b.shape
+    out = torch.empty((N, L), dtype=torch.bfloat16, device=w_kv_b.device)
+    BN = 32
+    _dequant_weight_kernel[(triton.cdiv(N, BN), triton.cdiv(L, SCALE_BLOCK))](
+        w_kv_b, w_scale, out, N, L, *w_kv_b.stride(), *w_scale.stride(), *out.stride(),
+        BN=BN, BL=SCALE_BLOCK, EXACT_ROUNDING=interpreting(), num_warps=4,
+    )
+    return out
+
+
 class Config(NamedTuple):
     BT: int          # token rows per tile
     BN: int          # output columns (weight rows) per tile
@@ -278,11 +305,10 @@ class Config(NamedTuple):
     tiles_per_program: int = 8  # output tiles one program computes for its token tile
 
 
-def pick_config(cache_dtype: torch.dtype, w_dtype: torch.dtype, out_dtype: torch.dtype,
-                dequant_w: bool = False) -> Config:
+def pick_config(cache_dtype: torch.dtype, w_dtype: torch.dtype, out_dtype: torch.dtype) -> Config:
     """One config per operand width (output tiles cross head and segment boundaries, so the head
-    dims do not pick the tile), smaller for a float32 output from 16-bit operands. `dequant_w`
-    (see dequantises_weight): an fp8 weight dequantised per tile runs as bf16 x bf16."""
+    dims do not pick the tile), smaller for a float32 output from 16-bit operands. A weight
+    dequantised first (see dequantises_weight) picks as the bf16 weight it becomes."""
     if interpreting():
         return Config(BT=16, BN=32, BK=32, num_warps=4, num_stages=1, tiles_per_program=4)
     # measured on an H100 (16384 tokens, DeepSeek-V3 and qk 192 / v 256 dims, host total given):
@@ -290,19 +316,15 @@ def pick_config(cache_dtype: torch.dtype, w_dtype: torch.dtype, out_dtype: torch
     # 0.168 / 0.271; BK 32 with 4-5 stages 0.173-0.180 / 0.284-0.299; 128 x 128 on 4 warps 0.163 /
     # 0.275; 64-row tiles 0.195-0.219);
     # fp8 x fp8: 64 x 128 tiles on 4 warps, BK 128 (one block scale per K step), 4 stages (0.154 /
-    # 0.257 against 0.161 / 0.268 with 3); an fp8 operand beside a 16-bit one: the same with 3
+    # 0.257 against 0.161 / 0.268 with 3); an fp8 weight beside a 16-bit cache: the same with 3
     # stages (bf16 x block-scaled fp8 with per-step scaling: 0.296-0.319 / 0.507-0.536; 4 stages
-    # need 128 KB of shared memory: 0.494-0.507 / 0.856-0.870);
-    # a dequantised weight tile (bf16 x block-scaled fp8, bf16 out): 128 x 128 on 4 warps, BK 64,
-    # 3 stages (0.205 / 0.351; the 16-bit config 0.238-0.243 / 0.406-0.408; 64 x 128 x 128 0.262 /
-    # 0.449). The converted tile passes through shared memory, so every K step waits for its
-    # product; with the weight as the register operand of the transposed product: 0.206-0.399 /
-    # 0.345-0.687.
-    if dequant_w:
-        return Config(BT=128, BN=128, BK=64, num_warps=4, num_stages=3, tiles_per_program=16)
+    # need 128 KB of shared memory: 0.494-0.507 / 0.856-0.870); an fp8 cache beside a 16-bit
+    # weight (its tile converted in registers, the product's register operand) takes the 16-bit
+    # config (fp8 cache x bf16 weight dequantised from block scales: 0.215 / 0.361 ms, against
+    # 0.435 / 0.748 with the fp8 weight's config and 0.230 / 0.390 with 128 x 128 on 4 warps).
     if cache_dtype == w_dtype == FP8:
         return Config(BT=64, BN=128, BK=128, num_warps=4, num_stages=4, tiles_per_program=32)
-    if FP8 in (cache_dtype, w_dtype):
+    if w_dtype == FP8:
         return Config(BT=64, BN=128, BK=128, num_warps=4, num_stages=3, tiles_per_program=32)
     if out_dtype == torch.float32:
         # the 16-byte stores of a float32 tile go through a [BT, BN] float32 layout conversion in
@@ -314,11 +336,14 @@ def pick_config(cache_dtype: torch.dtype, w_dtype: torch.dtype, out_dtype: torch
 
 def dequantises_weight(cache_dtype: torch.dtype, w_dtype: torch.dtype, out_dtype: torch.dtype,
                        block_scaled: bool) -> bool:
-    """True where a 128x128 block-scaled weight is dequantised per tile (W * w_scale rounded once
-    to bf16) rather than each K step's exact product scaled: a bf16 output whose operands multiply
-    as bf16 (bf16 or fp8 beside bf16). That rounding (at most 2^-9 of each term) lies inside the
-    output's own bf16 rounding. float16 and float32 outputs, fp8 x fp8 (fp8 tensor cores) and a
-    float16 partner (W * w_scale may overflow float16) keep the per-step scaling."""
+    """True where a 128x128 block-scaled weight is dequantised first, by its own small kernel
+    (dequantise_weight: W * w_scale rounded once to bf16, [N, L], a few MB), and the product then
+    runs unscaled on bf16 tensor cores in one chain of K steps, rather than each K step's exact
+    product being scaled (which makes every K step wait for its product). That is a bf16 output
+    whose operands multiply as bf16 (bf16, or fp8 beside bf16): the rounding (at most 2^-9 of each
+    term) lies inside the output's own bf16 rounding. float16 and float32 outputs, fp8 x fp8 (fp8
+    tensor cores) and a float16 partner (W * w_scale may overflow float16) keep the per-step
+    scaling."""
     pair = {cache_dtype, w_dtype}
     return block_scaled and out_dtype == torch.bfloat16 and pair in ({torch.bfloat16}, {torch.bfloat16, FP8})
 
@@ -407,8 +432,8 @@ def gather_kv_b_proj_launch(kv_cache, kv_indptr, kv_indices, cu_kv_lens, w_kv_b,
     v = buf[n_k_el:].view(total, H, VD)
     if total == 0 or H == 0:
         return k, v
-    dequant_w = dequantises_weight(kv_cache.dtype, w_kv_b.dtype, out_dtype, mode == W_SCALE_BLOCK)
-    cfg = config or pick_config(kv_cache.dtype, w_kv_b.dtype, out_dtype, dequant_w)
+    dequant = dequantises_weight(kv_cache.dtype, w_kv_b.dtype, out_dtype, mode == W_SCALE_BLOCK)
+    cfg = config or pick_config(kv_cache.dtype, torch.bfloat16 if dequant else w_kv_b.dtype, out_dtype)
     if cfg.BK > SCALE_BLOCK or SCALE_BLOCK % cfg.BK:
         raise ValueError(f"config: expected BK dividing {SCALE_BLOCK}, got {cfg.BK}")
     N = w_kv_b.shape[0]
@@ -420,6 +445,9 @@ def gather_kv_b_proj_launch(kv_cache, kv_indptr, kv_indices, cu_kv_lens, w_kv_b,
     grid = (triton.cdiv(total, cfg.BT) * n_groups,)
     if grid[0] >= 2 ** 31:
         raise ValueError(f"cu_kv_lens: total = {total} tokens needs {grid[0]} programs, more than 2^31 - 1")
+    if dequant:
+        # W * w_scale once (a few MB), then the unscaled bf16 product
+        w_kv_b, w_scale, mode = dequantise_weight(w_kv_b, w_scale), None, W_SCALE_NONE
     dot_dtype, precision = _dot_dtype(kv_cache.dtype, w_kv_b.dtype, out_dtype)
     ws = w_scale if w_scale is not None else w_kv_b  # dummy pointer when absent
     s_sn = w_scale.stride(0) if w_scale is not None else 0
@@ -436,7 +464,7 @@ def gather_kv_b_proj_launch(kv_cache, kv_indptr, kv_indices, cu_kv_lens, w_kv_b,
         v.stride(0), v.stride(1), v.stride(2),
         BT=cfg.BT, BN=cfg.BN, BK=cfg.BK, BP=max(16, triton.next_power_of_2(max(P, 1))),
         EVEN_K=L % cfg.BK == 0, EVEN_N=N % cfg.BN == 0, ALIGNED=QK % 8 == 0 and VD % 8 == 0 and P % 8 == 0,
-        W_SCALE_MODE=mode, DEQUANT_W=dequant_w, HAS_KV_SCALE=kv_scale is not None, HAS_PE=P > 0,
+        W_SCALE_MODE=mode, HAS_KV_SCALE=kv_scale is not None, HAS_PE=P > 0,
         DOT_DTYPE=dot_dtype, INPUT_PRECISION=precision, EXACT_ROUNDING=interpreting(),
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
