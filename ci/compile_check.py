@@ -119,11 +119,18 @@ def gather_cases(gather_kv_b_proj):
         lambda: case(weight=torch.float16, out=torch.float32)
     yield "bf16 cache x fp8 weight, block scales (the weight dequantised to bf16 first)", \
         lambda: case(weight=fp8, w_scale="block")
-    yield "fp8 cache x fp16 weight, block scales, fp16 out (per-step scales on the 16-bit config)", \
+    yield "fp8 cache x fp16 weight, block scales, fp16 out (per-step scales)", \
         lambda: case(cache=fp8, weight=torch.float16, w_scale="block", kv_scale=True, out=torch.float16)
+    yield "bf16 cache and weight, block scales, fp32 out (per-step scales, a float32 tile)", \
+        lambda: case(w_scale="block", out=torch.float32)
+    yield "bf16 cache x fp16 weight (tf32 dots), block scales, fp32 out (per-step scales)", \
+        lambda: case(weight=torch.float16, w_scale="block", out=torch.float32)
     yield "fp8 cache x fp8 weight, block scales", lambda: case(cache=fp8, weight=fp8, w_scale="block", kv_scale=True)
     yield "fp8 cache x fp8 weight, fp32 out (bf16 dots)", lambda: case(cache=fp8, weight=fp8, out=torch.float32)
-    yield "qk=192 v=256, fp8 weight, per-row scale", lambda: case(qk=192, v=256, weight=fp8, w_scale="row")
+    yield "qk=192 v=256, fp8 weight, per-row scale (converted to bf16 first)", \
+        lambda: case(qk=192, v=256, weight=fp8, w_scale="row")
+    yield "fp16 cache x fp8 weight, block scales, fp16 out (the fp8 weight in the kernel, per-step scales)", \
+        lambda: case(cache=torch.float16, weight=fp8, w_scale="block", out=torch.float16)
     yield "P=0, fp16 cache and weight, fp16 out", lambda: case(P=0, cache=torch.float16, weight=torch.float16,
                                                                 out=torch.float16)
     yield "bf16 cache x fp16 weight, fp32 out, odd dims", lambda: case(H=3, L=48, P=2, qk=100, v=33,

@@ -40,7 +40,9 @@ Design
   (bf16, or fp8 beside bf16) the weight is dequantised first by a small kernel of its own
   (W * w_scale rounded once to bf16: at most 2^-9 of each term, inside the output's own
   rounding; [N, L], a few MB, once per call rather than once per token tile), and the product
-  runs unscaled, the K steps in one chain of tensor-core products; otherwise (float16/float32 outputs, fp8 x fp8, a float16
+  runs unscaled, the K steps in one chain of tensor-core products; an fp8 weight with a per-row
+  or no scale beside a 16-bit cache is converted exactly to the cache's type the same way
+  (weight_plan); otherwise (float16/float32 outputs, fp8 x fp8, a float16
   partner) the scale multiplies each K step's exact partial product.
 - The rope part is written per head after the output tiles (the program of output tiles i_g,
   i_g + N_GROUPS, ... writes heads i_g, i_g + N_GROUPS, ...): the float32 product
@@ -266,10 +268,12 @@ def _gather_kv_b_proj_kernel(
 
 
 @triton.jit
-def _dequant_weight_kernel(w, w_scale, out, N, L, s_wn, s_wl, s_sn, s_sl, s_on, s_ol,
-                           BN: tl.constexpr, BL: tl.constexpr, EXACT_ROUNDING: tl.constexpr):
-    """out[n, l] = W[n, l] * w_scale[n // 128, l // 128] rounded once to bf16, one [BN, BL] tile per
-    program (BL = 128: a tile lies in one column block of the scale)."""
+def _prepare_weight_kernel(w, w_scale, out, N, L, s_wn, s_wl, s_sn, s_sl, s_on, s_ol,
+                           BN: tl.constexpr, BL: tl.constexpr, SCALED: tl.constexpr,
+                           EXACT_ROUNDING: tl.constexpr):
+    """out[n, l] = W[n, l] in out's 16-bit type: converted (exact for an fp8 W), or with SCALED
+    W[n, l] * w_scale[n // 128, l // 128] rounded once. One [BN, BL] tile per program (BL = 128:
+    a tile lies in one column block of the scale)."""
     i_n, i_l = tl.program_id(0).to(tl.int64), tl.program_id(1).to(tl.int64)
     # [BN], [BL]
     o_n = i_n * BN + tl.arange(0, BN)
@@ -278,20 +282,25 @@ def _dequant_weight_kernel(w, w_scale, out, N, L, s_wn, s_wl, s_sn, s_sl, s_on, 
     m = m_n[:, None] & (o_l < L)[None, :]
     # [BN, BL]
     b_w = tl.load(w + o_n[:, None] * s_wn + o_l[None, :] * s_wl, mask=m, other=0.0).to(tl.float32)
-    # [BN] block scale of absolute row n // 128, column block l // 128 = i_l
-    b_s = tl.load(w_scale + (o_n // 128) * s_sn + i_l * s_sl, mask=m_n, other=0.0)
+    if SCALED:
+        # [BN] block scale of absolute row n // 128, column block l // 128 = i_l
+        b_s = tl.load(w_scale + (o_n // 128) * s_sn + i_l * s_sl, mask=m_n, other=0.0)
+        b_w = b_w * b_s[:, None]
     tl.store(out + o_n[:, None] * s_on + o_l[None, :] * s_ol,
-             cast_to(b_w * b_s[:, None], tl.bfloat16, EXACT_ROUNDING), mask=m)
+             cast_to(b_w, out.dtype.element_ty, EXACT_ROUNDING), mask=m)
 
 
-def dequantise_weight(w_kv_b: torch.Tensor, w_scale: torch.Tensor) -> torch.Tensor:
-    """[N, L] bfloat16: the 128x128-block-scaled weight W * w_scale, each product rounded once."""
+def prepare_weight(w_kv_b: torch.Tensor, w_scale: Optional[torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
+    """[N, L] in dtype (bfloat16 or float16): w_kv_b converted (exact for fp8), or with a
+    128x128-block w_scale the product W * w_scale rounded once (see weight_plan)."""
     N, L = w_kv_b.shape
-    out = torch.empty((N, L), dtype=torch.bfloat16, device=w_kv_b.device)
+    out = torch.empty((N, L), dtype=dtype, device=w_kv_b.device)
     BN = 32
-    _dequant_weight_kernel[(triton.cdiv(N, BN), triton.cdiv(L, SCALE_BLOCK))](
-        w_kv_b, w_scale, out, N, L, *w_kv_b.stride(), *w_scale.stride(), *out.stride(),
-        BN=BN, BL=SCALE_BLOCK, EXACT_ROUNDING=interpreting(), num_warps=4,
+    scaled = w_scale is not None
+    _prepare_weight_kernel[(triton.cdiv(N, BN), triton.cdiv(L, SCALE_BLOCK))](
+        w_kv_b, w_scale if scaled else w_kv_b, out, N, L, *w_kv_b.stride(),
+        *(w_scale.stride() if scaled else (0, 0)), *out.stride(),
+        BN=BN, BL=SCALE_BLOCK, SCALED=scaled, EXACT_ROUNDING=interpreting(), num_warps=4,
     )
     return out
 
@@ -305,10 +314,12 @@ class Config(NamedTuple):
     tiles_per_program: int = 8  # output tiles one program computes for its token tile
 
 
-def pick_config(cache_dtype: torch.dtype, w_dtype: torch.dtype, out_dtype: torch.dtype) -> Config:
+def pick_config(cache_dtype: torch.dtype, w_dtype: torch.dtype, out_dtype: torch.dtype,
+                per_step_scale: bool = False) -> Config:
     """One config per operand width (output tiles cross head and segment boundaries, so the head
-    dims do not pick the tile), smaller for a float32 output from 16-bit operands. A weight
-    dequantised first (see dequantises_weight) picks as the bf16 weight it becomes."""
+    dims do not pick the tile), smaller for a float32 output from 16-bit operands. w_dtype is the
+    weight's type in the product (a prepared weight is 16-bit: weight_plan); per_step_scale: a
+    block scale multiplies each K step's product (every K step waits for it)."""
     if interpreting():
         return Config(BT=16, BN=32, BK=32, num_warps=4, num_stages=1, tiles_per_program=4)
     # measured on an H100 (16384 tokens, DeepSeek-V3 and qk 192 / v 256 dims, host total given):
@@ -316,15 +327,18 @@ def pick_config(cache_dtype: torch.dtype, w_dtype: torch.dtype, out_dtype: torch
     # 0.168 / 0.271; BK 32 with 4-5 stages 0.173-0.180 / 0.284-0.299; 128 x 128 on 4 warps 0.163 /
     # 0.275; 64-row tiles 0.195-0.219);
     # fp8 x fp8: 64 x 128 tiles on 4 warps, BK 128 (one block scale per K step), 4 stages (0.154 /
-    # 0.257 against 0.161 / 0.268 with 3); an fp8 weight beside a 16-bit cache: the same with 3
-    # stages (bf16 x block-scaled fp8 with per-step scaling: 0.296-0.319 / 0.507-0.536; 4 stages
-    # need 128 KB of shared memory: 0.494-0.507 / 0.856-0.870); an fp8 cache beside a 16-bit
-    # weight (its tile converted in registers, the product's register operand) takes the 16-bit
-    # config (fp8 cache x bf16 weight dequantised from block scales: 0.215 / 0.361 ms, against
-    # 0.435 / 0.748 with the fp8 weight's config and 0.230 / 0.390 with 128 x 128 on 4 warps).
+    # 0.257 against 0.161 / 0.268 with 3); per-step block scales beside a 16-bit operand (float16
+    # or float32 out): the same with 3 stages, BK 128 = one scale block per step (bf16 x
+    # block-scaled fp8: 0.296-0.319 / 0.507-0.536; 4 stages need 128 KB of shared memory:
+    # 0.494-0.507 / 0.856-0.870; fp16 x fp8 converted to fp16 on the 16-bit config: 0.533 / 0.899,
+    # against 0.260 / 0.446 here; bf16 x fp8, float32 out, on the float32-output config: 0.757 /
+    # 1.29 against 0.330 / 0.556); an fp8 cache beside a 16-bit weight (its tile converted in
+    # registers, the product's register operand) takes the 16-bit config (fp8 cache x bf16 weight
+    # dequantised from block scales: 0.215 / 0.361 ms, against 0.435 / 0.748 with the per-step
+    # config and 0.230 / 0.390 with 128 x 128 on 4 warps).
     if cache_dtype == w_dtype == FP8:
         return Config(BT=64, BN=128, BK=128, num_warps=4, num_stages=4, tiles_per_program=32)
-    if w_dtype == FP8:
+    if per_step_scale:
         return Config(BT=64, BN=128, BK=128, num_warps=4, num_stages=3, tiles_per_program=32)
     if out_dtype == torch.float32:
         # the 16-byte stores of a float32 tile go through a [BT, BN] float32 layout conversion in
@@ -334,18 +348,31 @@ def pick_config(cache_dtype: torch.dtype, w_dtype: torch.dtype, out_dtype: torch
     return Config(BT=128, BN=256, BK=64, num_warps=8, num_stages=4, tiles_per_program=16)
 
 
-def dequantises_weight(cache_dtype: torch.dtype, w_dtype: torch.dtype, out_dtype: torch.dtype,
-                       block_scaled: bool) -> bool:
-    """True where a 128x128 block-scaled weight is dequantised first, by its own small kernel
-    (dequantise_weight: W * w_scale rounded once to bf16, [N, L], a few MB), and the product then
-    runs unscaled on bf16 tensor cores in one chain of K steps, rather than each K step's exact
-    product being scaled (which makes every K step wait for its product). That is a bf16 output
-    whose operands multiply as bf16 (bf16, or fp8 beside bf16): the rounding (at most 2^-9 of each
-    term) lies inside the output's own bf16 rounding. float16 and float32 outputs, fp8 x fp8 (fp8
-    tensor cores) and a float16 partner (W * w_scale may overflow float16) keep the per-step
-    scaling."""
+WEIGHT_AS_IS, WEIGHT_CONVERTED, WEIGHT_DEQUANTISED = 0, 1, 2
+
+
+def weight_plan(cache_dtype: torch.dtype, w_dtype: torch.dtype, out_dtype: torch.dtype, w_scale_mode: int) -> int:
+    """How the weight enters the product. Both prepared forms are made per call by a small kernel
+    of their own (prepare_weight: [N, L] 16-bit, a few MB, once per call rather than once per token
+    tile); the product then runs as 16-bit x 16-bit on the 16-bit config, in one chain of K steps.
+    - WEIGHT_DEQUANTISED: a 128x128 block-scaled weight, bf16 output, operands that multiply as
+      bf16 (bf16, or fp8 beside bf16): W * w_scale rounded once to bf16 (at most 2^-9 of each term,
+      inside the output's own rounding), then multiplied unscaled. Scaling each K step's exact
+      product instead makes every K step wait for its product.
+    - WEIGHT_CONVERTED: an fp8 weight beside a 16-bit cache, per-row or no scale: converted
+      exactly to the cache's type (the same products; a per-row scale still multiplies the
+      accumulator at the end). Converted in the kernel it would go through registers into shared
+      memory at every K step.
+    - WEIGHT_AS_IS otherwise: fp8 x fp8 (fp8 tensor cores), 16-bit weights, and an fp8 weight with
+      block scales beside a 16-bit cache for float16/float32 outputs (per-step scaling, where the
+      fp8 weight as is and the weight converted first run alike on the per-step config)."""
     pair = {cache_dtype, w_dtype}
-    return block_scaled and out_dtype == torch.bfloat16 and pair in ({torch.bfloat16}, {torch.bfloat16, FP8})
+    if (w_scale_mode == W_SCALE_BLOCK and out_dtype == torch.bfloat16
+            and pair in ({torch.bfloat16}, {torch.bfloat16, FP8})):
+        return WEIGHT_DEQUANTISED
+    if w_dtype == FP8 and cache_dtype != FP8 and w_scale_mode != W_SCALE_BLOCK:
+        return WEIGHT_CONVERTED
+    return WEIGHT_AS_IS
 
 
 def _dot_dtype(cache_dtype: torch.dtype, w_dtype: torch.dtype, out_dtype: torch.dtype) -> Tuple[object, str]:
@@ -432,8 +459,12 @@ def gather_kv_b_proj_launch(kv_cache, kv_indptr, kv_indices, cu_kv_lens, w_kv_b,
     v = buf[n_k_el:].view(total, H, VD)
     if total == 0 or H == 0:
         return k, v
-    dequant = dequantises_weight(kv_cache.dtype, w_kv_b.dtype, out_dtype, mode == W_SCALE_BLOCK)
-    cfg = config or pick_config(kv_cache.dtype, torch.bfloat16 if dequant else w_kv_b.dtype, out_dtype)
+    plan = weight_plan(kv_cache.dtype, w_kv_b.dtype, out_dtype, mode)
+    # the weight's dtype in the product
+    w_dtype = {WEIGHT_AS_IS: w_kv_b.dtype, WEIGHT_CONVERTED: kv_cache.dtype,
+               WEIGHT_DEQUANTISED: torch.bfloat16}[plan]
+    cfg = config or pick_config(kv_cache.dtype, w_dtype, out_dtype,
+                                per_step_scale=plan == WEIGHT_AS_IS and mode == W_SCALE_BLOCK)
     if cfg.BK > SCALE_BLOCK or SCALE_BLOCK % cfg.BK:
         raise ValueError(f"config: expected BK dividing {SCALE_BLOCK}, got {cfg.BK}")
     N = w_kv_b.shape[0]
@@ -445,9 +476,11 @@ def gather_kv_b_proj_launch(kv_cache, kv_indptr, kv_indices, cu_kv_lens, w_kv_b,
     grid = (triton.cdiv(total, cfg.BT) * n_groups,)
     if grid[0] >= 2 ** 31:
         raise ValueError(f"cu_kv_lens: total = {total} tokens needs {grid[0]} programs, more than 2^31 - 1")
-    if dequant:
+    if plan == WEIGHT_DEQUANTISED:
         # W * w_scale once (a few MB), then the unscaled bf16 product
-        w_kv_b, w_scale, mode = dequantise_weight(w_kv_b, w_scale), None, W_SCALE_NONE
+        w_kv_b, w_scale, mode = prepare_weight(w_kv_b, w_scale, w_dtype), None, W_SCALE_NONE
+    elif plan == WEIGHT_CONVERTED:
+        w_kv_b = prepare_weight(w_kv_b, None, w_dtype)
     dot_dtype, precision = _dot_dtype(kv_cache.dtype, w_kv_b.dtype, out_dtype)
     ws = w_scale if w_scale is not None else w_kv_b  # dummy pointer when absent
     s_sn = w_scale.stride(0) if w_scale is not None else 0

@@ -30,16 +30,17 @@ bf16_weight_to_fp8 = _entry(
 
 # the 128x128 block scale indexed by head instead of by the absolute weight row r // 128
 # (rows past the scale tensor land in its guard band), in the product's per-step scaling and in
-# the weight's dequantisation (which then learns the head size)
+# the weight's preparation (which then learns the head size)
 block_scale_per_head = _entry(
     "block_scale_per_head",
     ("b_s = tl.load(w_scale + ((n0 + o_n) // 128) * s_sn", "b_s = tl.load(w_scale + ((n0 + o_n) // (QK + VD)) * s_sn"),
     ("b_s = tl.load(w_scale + (o_n // 128) * s_sn", "b_s = tl.load(w_scale + (o_n // HD) * s_sn"),
-    ("def _dequant_weight_kernel(w, w_scale, out, N, L, s_wn,", "def _dequant_weight_kernel(w, w_scale, out, N, L, HD, s_wn,"),
-    ("        w_kv_b, w_scale, out, N, L, *w_kv_b.stride()", "        w_kv_b, w_scale, out, N, L, HD, *w_kv_b.stride()"),
-    ("def dequantise_weight(w_kv_b: torch.Tensor, w_scale: torch.Tensor)",
-     "def dequantise_weight(w_kv_b: torch.Tensor, w_scale: torch.Tensor, HD: int = 128)"),
-    ("dequantise_weight(w_kv_b, w_scale), None", "dequantise_weight(w_kv_b, w_scale, QK + VD), None"))
+    ("def _prepare_weight_kernel(w, w_scale, out, N, L, s_wn,", "def _prepare_weight_kernel(w, w_scale, out, N, L, HD, s_wn,"),
+    ("        w_kv_b, w_scale if scaled else w_kv_b, out, N, L, *w_kv_b.stride()",
+     "        w_kv_b, w_scale if scaled else w_kv_b, out, N, L, HD, *w_kv_b.stride()"),
+    ("def prepare_weight(w_kv_b: torch.Tensor, w_scale: Optional[torch.Tensor], dtype: torch.dtype)",
+     "def prepare_weight(w_kv_b: torch.Tensor, w_scale: Optional[torch.Tensor], dtype: torch.dtype, HD: int = 128)"),
+    ("prepare_weight(w_kv_b, w_scale, w_dtype), None", "prepare_weight(w_kv_b, w_scale, w_dtype, QK + VD), None"))
 
 # the block scale multiplies the running sum, not the K step's partial product: earlier steps
 # are scaled again at every later step
