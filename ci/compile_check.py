@@ -23,6 +23,7 @@ import torch  # noqa: E402
 import triton  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource, make_backend  # noqa: E402
+from triton.experimental.gluon._runtime import GluonASTSource  # noqa: E402
 from triton.runtime import jit  # noqa: E402
 
 TARGET = GPUTarget("cuda", 90, 32)  # H100 / H200
@@ -35,7 +36,8 @@ def _compile_only(self, *args, grid, warmup, **kwargs):
     bound, specialization, options = binder(*args, **kwargs)
     options, signature, constexprs, attrs = self._pack_args(backend, kwargs, bound, specialization, options)
     start = time.time()
-    kernel = triton.compile(ASTSource(self, signature, constexprs, attrs), target=TARGET, options=options.__dict__)
+    source = GluonASTSource if self.is_gluon() else ASTSource
+    kernel = triton.compile(source(self, signature, constexprs, attrs), target=TARGET, options=options.__dict__)
     compiled.append((self.fn.__name__, kernel.metadata.shared, time.time() - start, kernel.asm["ptx"]))
     return None
 
@@ -136,6 +138,28 @@ def gather_cases(gather_kv_b_proj):
     yield "bf16 cache x fp16 weight, fp32 out, odd dims", lambda: case(H=3, L=48, P=2, qk=100, v=33,
                                                                        weight=torch.float16, out=torch.float32,
                                                                        block_size=1)
+
+    def sm90_case(H=2, L=512, P=64, qk=128, v=128, dtype=torch.bfloat16, out=torch.bfloat16, row_scale=False,
+                  kv_scale=False, block_size=16):
+        # the sm_90 kernel, launched directly (its launcher's dispatch needs an sm_90 device)
+        from kernels import gather_kv_b_proj_sm90 as sm90
+        T = 25
+        kv_cache = torch.zeros(2, block_size, L + P).to(dtype)
+        N = H * (qk + v)
+        n_k_el = T * H * (qk + P)
+        buf = torch.empty(n_k_el + T * H * v, dtype=out)
+        sm90.launch(kv_cache, torch.tensor([0, 2], dtype=torch.int32), torch.arange(2, dtype=torch.int32),
+                    torch.tensor([0, T], dtype=torch.int32), torch.zeros(N, L).to(dtype),
+                    torch.ones(N) if row_scale else None, torch.ones(1) if kv_scale else None,
+                    buf[:n_k_el].view(T, H, qk + P), buf[n_k_el:].view(T, H, v), n_k_el, total=T, H=H, L=L, P=P,
+                    QK=qk, VD=v, w_scale_mode=1 if row_scale else 0)
+
+    yield "sm_90 kernel: bf16 DeepSeek-V3", lambda: sm90_case()
+    yield "sm_90 kernel: fp16, qk=192 v=256, row scale, kv_scale, fp16 out", \
+        lambda: sm90_case(qk=192, v=256, dtype=torch.float16, out=torch.float16, row_scale=True, kv_scale=True)
+    yield "sm_90 kernel: P=0, L=208, bf16 out from fp16", lambda: sm90_case(P=0, L=208, dtype=torch.float16)
+    yield "sm_90 kernel: P=8 (row strides multiples of 8, not 16), block size 3", \
+        lambda: sm90_case(P=8, L=64, qk=64, v=512, block_size=3)
 
 
 def kda_cases(kda):

@@ -54,6 +54,11 @@ Design
   tl.dot rounds a row by its position in the tile, which breaks batch split invariance), and
   bf16 stores go through cast_to's exact rounding.
 
+On an sm_90 GPU, 16-bit operands of one type (after weight_plan), a 16-bit output, no per-step
+scale, L <= 512 and head dims that are multiples of 64 go to kernels/gather_kv_b_proj_sm90.py
+instead (Gluon: the token tile's latent rows held in registers, the weight by TMA, the output
+tiles stored by TMA; the same bits). `portable=True` or a `config` keeps this kernel.
+
 The one host read: the output row count total = cu_kv_lens[-1] must be known to allocate k and v
 (the contract returns them), so the launcher reads that single element, unless the caller passes
 its host copy as `total` (then nothing is read and the call does not synchronise). The kernel
@@ -66,6 +71,7 @@ import torch
 import triton
 import triton.language as tl
 
+from kernels import gather_kv_b_proj_sm90 as sm90
 from kernels._checks import INDEX_DTYPES, FP8, check_int, check_scale, check_tensor
 from kernels._triton import cast_to, interpreting
 
@@ -436,8 +442,10 @@ def _check(kv_cache, kv_indptr, kv_indices, cu_kv_lens, w_kv_b, kv_lora_rank, qk
 def gather_kv_b_proj_launch(kv_cache, kv_indptr, kv_indices, cu_kv_lens, w_kv_b, *, kv_lora_rank,
                             qk_nope_head_dim, v_head_dim, w_scale=None, kv_scale=None,
                             out_dtype=torch.bfloat16, total: Optional[int] = None,
-                            config: Optional[Config] = None):
-    """The launcher: check, allocate, launch. `config` overrides pick_config (benchmarks)."""
+                            config: Optional[Config] = None, portable: bool = False):
+    """The launcher: check, allocate, launch. `config` overrides pick_config and, like `portable`,
+    selects the portable Triton kernel where the sm_90 kernel would run (benchmarks, A/B, the
+    property that compares the two)."""
     P, H, mode = _check(kv_cache, kv_indptr, kv_indices, cu_kv_lens, w_kv_b, kv_lora_rank,
                         qk_nope_head_dim, v_head_dim, w_scale, kv_scale, out_dtype)
     L, QK, VD = kv_lora_rank, qk_nope_head_dim, v_head_dim
@@ -481,6 +489,11 @@ def gather_kv_b_proj_launch(kv_cache, kv_indptr, kv_indices, cu_kv_lens, w_kv_b,
         w_kv_b, w_scale, mode = prepare_weight(w_kv_b, w_scale, w_dtype), None, W_SCALE_NONE
     elif plan == WEIGHT_CONVERTED:
         w_kv_b = prepare_weight(w_kv_b, None, w_dtype)
+    if config is None and not portable and sm90.supported(kv_cache, w_kv_b, out_dtype, mode, QK, VD, P, total):
+        # Hopper, 16-bit operands, head dims multiples of 64: the warpgroup kernel (same bits)
+        sm90.launch(kv_cache, kv_indptr, kv_indices, cu_kv_lens, w_kv_b, w_scale, kv_scale, k, v, n_k_el,
+                    total=total, H=H, L=L, P=P, QK=QK, VD=VD, w_scale_mode=mode)
+        return k, v
     dot_dtype, precision = _dot_dtype(kv_cache.dtype, w_kv_b.dtype, out_dtype)
     ws = w_scale if w_scale is not None else w_kv_b  # dummy pointer when absent
     s_sn = w_scale.stride(0) if w_scale is not None else 0
@@ -502,6 +515,24 @@ def gather_kv_b_proj_launch(kv_cache, kv_indptr, kv_indices, cu_kv_lens, w_kv_b,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     return k, v
+
+
+def selected_kernel(kv_cache, kv_indptr, kv_indices, cu_kv_lens, w_kv_b, *, kv_lora_rank, qk_nope_head_dim,
+                    v_head_dim, w_scale=None, kv_scale=None, out_dtype=torch.bfloat16,
+                    total: Optional[int] = None) -> str:
+    """'sm90' or 'portable': the kernel gather_kv_b_proj runs for these (valid) inputs, decided as
+    the launcher decides it (a prepared weight is [N, L] contiguous)."""
+    P, H, mode = _check(kv_cache, kv_indptr, kv_indices, cu_kv_lens, w_kv_b, kv_lora_rank,
+                        qk_nope_head_dim, v_head_dim, w_scale, kv_scale, out_dtype)
+    total = int(cu_kv_lens[-1]) if total is None else total
+    plan = weight_plan(kv_cache.dtype, w_kv_b.dtype, out_dtype, mode)
+    w = w_kv_b
+    if plan != WEIGHT_AS_IS:
+        w = torch.empty(w_kv_b.shape, device=w_kv_b.device,
+                        dtype=torch.bfloat16 if plan == WEIGHT_DEQUANTISED else kv_cache.dtype)
+        mode = W_SCALE_NONE if plan == WEIGHT_DEQUANTISED else mode
+    on = sm90.supported(kv_cache, w, out_dtype, mode, qk_nope_head_dim, v_head_dim, P, total)
+    return "sm90" if on else "portable"
 
 
 def gather_kv_b_proj(kv_cache: torch.Tensor, kv_indptr: torch.Tensor, kv_indices: torch.Tensor,

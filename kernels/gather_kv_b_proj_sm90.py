@@ -1,0 +1,281 @@
+"""gather_kv_b_proj on Hopper (sm_90) for 16-bit operands, written in Gluon.
+
+The same contract and the same products as kernels/gather_kv_b_proj.py (SPEC.md section 3), for
+the case that carries prefill traffic: a bf16/fp16 cache beside a weight of the same type (as
+given, or prepared by weight_plan), a 16-bit output, no per-step scale, L <= 512, head dims that
+are multiples of 64. The portable Triton kernel reloads each token tile's latent rows for every
+output tile and stores each tile from registers between two tiles' products. Here:
+
+- A program owns BT = 128 token rows (two warpgroups) and a group of output tiles of BN = 128
+  weight rows. It gathers its latent rows [BT, L] once (through the block table, rows past the
+  tokens and columns past L zero) and keeps them in registers as the A operand of every product
+  (L / 4 registers per thread), so only the weight streams through shared memory.
+- Each K step of BK = 64: the weight tile [BN, BK] arrives by TMA into a ring of STAGES buffers
+  (an mbarrier each); the product is an asynchronous wgmma, and as soon as the previous product
+  has retired in every warp its buffer takes the step STAGES - 1 ahead. The step sequence runs
+  across the program's output tiles without a break. 8 stages: the weight copies from L2 need
+  that much lead (H100, DeepSeek-V3 dims: 0.166-0.193 ms with 4 stages, 0.146-0.148 with 6, 0.138-0.139 with 8,
+  0.140-0.143 with 12).
+- The epilogue scales the float32 tile, rounds it once to the output type, writes it into shared
+  memory as two 64-column pieces and hands each to a TMA store (each piece lies in one segment
+  of one head: qk_nope and v_head_dim are multiples of 64), which runs while the next tile's
+  products do. A tile that reaches past the last valid row (cu_kv_lens[-1] or `total`) is
+  stored from shared memory by masked 16-byte stores instead.
+- The rope part is stored per head from registers at the start, while the first weight copies
+  are in flight: kv_scale * pe in float32, rounded once, as the Triton kernel writes it.
+
+The K steps, their order and each rounding are those of the Triton kernel (a chain of k16 wgmma
+products with float32 accumulation, the scales on the accumulator, one rounding), so the two give
+the same bits (test_sm90_matches_portable). `supported` says when this kernel applies; the
+launcher in gather_kv_b_proj.py calls `launch` after its own checks and allocation.
+"""
+import functools
+
+import torch
+import triton
+from triton.experimental import gluon
+from triton.experimental.gluon import language as gl
+from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared, mbarrier, tma,
+                                                              warpgroup_mma, warpgroup_mma_wait)
+from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
+
+BT, BN, BK, BC, STAGES, NUM_WARPS = 128, 128, 64, 64, 8, 8
+MAX_L = 512  # the latent rows of a token tile live in registers: L / 4 per thread
+_GL = {torch.bfloat16: gl.bfloat16, torch.float16: gl.float16}
+
+
+@gluon.jit
+def _issue_w(j, n_steps, n_k: gl.constexpr, i_g, N_GROUPS, w_desc, w_smem, ready, BN: gl.constexpr,
+             BK: gl.constexpr, STAGES: gl.constexpr):
+    """Start the weight copy of step j (if it exists) into stage j % STAGES."""
+    if j < n_steps:
+        s = j % STAGES
+        bar = ready.index(s)
+        mbarrier.expect(bar, w_desc.block_type.nbytes)
+        tma.async_copy_global_to_shared(w_desc, [(i_g + (j // n_k) * N_GROUPS) * BN, (j % n_k) * BK],
+                                        bar, w_smem.index(s))
+
+
+@gluon.jit
+def _store_tile(acc, n0, t0, full, dev_total, total, w_scale, kv_scale, k_desc, v_desc, k_out, o_smem, V_OFF,
+                N, P, QK, VD, HD, s_kt, s_kh, s_vt, s_vh,
+                BT: gl.constexpr, BN: gl.constexpr, BC: gl.constexpr, MMA: gl.constexpr, LD: gl.constexpr,
+                W_SCALE_ROW: gl.constexpr, HAS_KV_SCALE: gl.constexpr):
+    """Scale the [BT, BN] float32 tile of weight rows n0.. (output columns), round it once to the
+    output type and store each column to k or v."""
+    LN: gl.constexpr = gl.SliceLayout(0, MMA)
+    # [BN] output columns = weight rows
+    o_c = n0 + gl.arange(0, BN, layout=LN)
+    m_n = o_c < N
+    if W_SCALE_ROW:
+        acc = acc * gl.load(w_scale + o_c, mask=m_n, other=0.0)[None, :]
+    if HAS_KV_SCALE:
+        acc = acc * gl.load(kv_scale)
+    b_o = acc.to(k_out.dtype.element_ty)
+    # the previous tile's pieces have left shared memory
+    tma.store_wait(0)
+    gl.static_assert(BN == 2 * BC, "a tile is two 64-column pieces")
+    b_0, b_1 = b_o.reshape([BT, 2, BC]).permute(0, 2, 1).split()
+    o_smem.index(0).store(b_0)
+    o_smem.index(1).store(b_1)
+    fence_async_shared()
+    gl.thread_barrier()
+    for i_c in gl.static_range(BN // BC):
+        c = n0 + i_c * BC
+        if c < N:
+            # the piece lies in one segment of one head (qk and v are multiples of BC)
+            i_h = c // HD
+            i_r = c - i_h * HD
+            if full:
+                if i_r < QK:
+                    tma.async_copy_shared_to_global(k_desc, [t0, i_h * (QK + P) + i_r], o_smem.index(i_c))
+                else:
+                    tma.async_copy_shared_to_global(v_desc, [t0, i_h * VD + (i_r - QK)], o_smem.index(i_c))
+            else:
+                # the tile reaches past the last valid row: masked 16-byte stores from registers
+                # [BT, BC]
+                b_c = o_smem.index(i_c).load(LD)
+                # [BT]
+                o_t = t0 + gl.arange(0, BT, layout=gl.SliceLayout(1, LD)).to(gl.int64)
+                m_t = (o_t < total) & (o_t < dev_total)
+                o_cc = gl.arange(0, BC, layout=gl.SliceLayout(0, LD))
+                # (qk, v, P multiples of 8: so are the strides and V_OFF, and the stores 16 bytes wide)
+                if i_r < QK:
+                    o_o = o_t[:, None] * s_kt + (i_h.to(gl.int64) * s_kh + i_r + o_cc)[None, :]
+                    o_o = gl.max_contiguous(gl.multiple_of(o_o, [1, 8]), [1, 8])
+                    gl.store(k_out + o_o, b_c, mask=m_t[:, None])
+                else:
+                    o_o = o_t[:, None] * s_vt + (V_OFF + i_h.to(gl.int64) * s_vh + (i_r - QK) + o_cc)[None, :]
+                    o_o = gl.max_contiguous(gl.multiple_of(o_o, [1, 8]), [1, 8])
+                    gl.store(k_out + o_o, b_c, mask=m_t[:, None])
+            # every thread has read the pieces before the next tile overwrites them
+    gl.thread_barrier()
+
+
+@gluon.jit(do_not_specialize=["total", "B", "n_search", "block_size", "P", "QK", "VD", "HD", "N",
+                               "N_OUT_TILES", "N_GROUPS", "H", "V_OFF"])
+def _gather_kv_b_proj_sm90_kernel(
+    cache, kv_indptr, kv_indices, cu_kv_lens, w_desc, w_scale, kv_scale, k_desc, v_desc, k_out, V_OFF,
+    total, B, n_search, block_size, L: gl.constexpr, P, QK, VD, HD, N, N_OUT_TILES, N_GROUPS, H,
+    s_cb, s_cs, s_kt, s_kh, s_vt, s_vh,
+    BT: gl.constexpr, BN: gl.constexpr, BK: gl.constexpr, BC: gl.constexpr, BP: gl.constexpr,
+    STAGES: gl.constexpr, W_SCALE_ROW: gl.constexpr, HAS_KV_SCALE: gl.constexpr, HAS_PE: gl.constexpr,
+    num_warps: gl.constexpr,
+):
+    # [BT, BK] copies: 8 contiguous elements (16 bytes) per thread
+    LD: gl.constexpr = gl.BlockedLayout([1, 8], [4, 8], [num_warps, 1], [1, 0])
+    LR: gl.constexpr = gl.SliceLayout(1, LD)
+    MMA: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1],
+                                                  instr_shape=[16, BN, 16])
+    dtype: gl.constexpr = cache.dtype.element_ty
+
+    # program -> (token tile, output tiles i_g, i_g + N_GROUPS, ...)
+    i_p = gl.program_id(0)
+    i_t = i_p // N_GROUPS
+    i_g = i_p % N_GROUPS
+    t0 = i_t * BT
+
+    # ---- rows: token -> sequence (binary search) -> block, slot
+    # [BT]
+    o_t = t0.to(gl.int64) + gl.arange(0, BT, layout=LR).to(gl.int64)
+    dev_total = gl.load(cu_kv_lens + B).to(gl.int64)
+    m_t = (o_t < total) & (o_t < dev_total)
+    b_lo = gl.zeros([BT], gl.int64, LR)
+    b_hi = b_lo + (B - 1)
+    for _ in range(n_search):
+        b_mid = (b_lo + b_hi + 1) // 2
+        b_cu = gl.load(cu_kv_lens + b_mid, mask=m_t, other=0).to(gl.int64)
+        m_go = b_cu <= o_t
+        b_lo = gl.where(m_go, b_mid, b_lo)
+        b_hi = gl.where(m_go, b_hi, b_mid - 1)
+    b_start = gl.load(cu_kv_lens + b_lo, mask=m_t, other=0).to(gl.int64)
+    o_j = o_t - b_start
+    m_row = m_t & (o_j >= 0)
+    o_j = gl.where(m_row, o_j, 0)
+    b_first = gl.load(kv_indptr + b_lo, mask=m_row, other=0).to(gl.int64)
+    b_blk = gl.load(kv_indices + b_first + o_j // block_size, mask=m_row, other=0).to(gl.int64)
+    b_blk = gl.where(m_row, b_blk, 0)
+    # [BT] offset of each row's latent vector in the cache (its last dim is contiguous)
+    o_row = b_blk * s_cb + (o_j % block_size) * s_cs
+    # the strides are multiples of 8 (supported()): 16-byte copies
+    o_row = gl.multiple_of(o_row, [8])
+
+    # ---- the token tile's latent rows [BT, L], gathered once and kept in registers as the
+    # products' A operand (n_k pieces of [BT, BK]); only the weight streams through shared memory
+    n_k: gl.constexpr = (L + BK - 1) // BK
+    A_L: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=MMA, k_width=2)
+    o_kb = gl.arange(0, BK, layout=gl.SliceLayout(0, LD))
+    a_all = ()
+    for i_k in gl.static_range(n_k):
+        # [BK]
+        o_k = i_k * BK + o_kb
+        # [BT, BK]; rows past the tokens and columns past L are zero
+        b_a = gl.load(cache + o_row[:, None] + o_k[None, :], mask=m_row[:, None] & (o_k < L)[None, :], other=0.0)
+        a_all = a_all + (gl.convert_layout(b_a, A_L),)
+
+    # ---- shared memory: STAGES weight tiles [BN, BK], two output pieces [BT, BC]
+    w_smem = gl.allocate_shared_memory(dtype, [STAGES, BN, BK], w_desc.layout)
+    o_smem = gl.allocate_shared_memory(k_desc.dtype, [BN // BC, BT, BC], k_desc.layout)
+    ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    for i in gl.static_range(STAGES):
+        mbarrier.init(ready.index(i), count=1)
+
+    n_mine = gl.cdiv(N_OUT_TILES - i_g, N_GROUPS)
+    n_steps = n_mine * n_k
+    for j in gl.static_range(STAGES - 1):
+        _issue_w(j, n_steps, n_k, i_g, N_GROUPS, w_desc, w_smem, ready, BN, BK, STAGES)
+
+    if HAS_PE:
+        # the rope part of heads i_g, i_g + N_GROUPS, ...: kv_scale * pe in float32, rounded once
+        # [BP]
+        o_p = gl.arange(0, BP, layout=gl.SliceLayout(0, LD))
+        # [BT, BP]
+        m_pe = m_row[:, None] & (o_p < P)[None, :]
+        b_pe = gl.load(cache + (o_row + L)[:, None] + o_p[None, :], mask=m_pe, other=0.0).to(gl.float32)
+        if HAS_KV_SCALE:
+            b_pe = b_pe * gl.load(kv_scale)
+        b_pe = b_pe.to(k_out.dtype.element_ty)
+        o_pe = o_t[:, None] * s_kt + (QK + o_p)[None, :]
+        # QK, P and the strides are multiples of 8: 16-byte stores
+        o_pe = gl.max_contiguous(gl.multiple_of(o_pe, [1, 8]), [1, 8])
+        m_pe = gl.max_constancy(m_pe, [1, 8])
+        for i_h in range(i_g, H, N_GROUPS):
+            gl.store(k_out + i_h * s_kh + o_pe, b_pe, mask=m_pe)
+
+    # the tile's rows all exist: its pieces go out by TMA
+    full = (t0 + BT <= dev_total) & (t0 + BT <= total)
+    acc = gl.zeros([BT, BN], gl.float32, MMA)
+    for i_q in range(n_mine):
+        for i_k in gl.static_range(n_k):
+            it = i_q * n_k + i_k
+            s = it % STAGES
+            mbarrier.wait(ready.index(s), (it // STAGES) & 1)
+            # [BT, BN] += [BT, BK] x [BK, BN]
+            acc = warpgroup_mma(a_all[i_k], w_smem.index(s).permute((1, 0)), acc, use_acc=i_k > 0, is_async=True)
+            # the product of step it - 1 has retired in every warp: its stage takes step it + STAGES - 1
+            acc = warpgroup_mma_wait(1, deps=(acc,))
+            gl.thread_barrier()
+            _issue_w(it + STAGES - 1, n_steps, n_k, i_g, N_GROUPS, w_desc, w_smem, ready, BN, BK, STAGES)
+        acc = warpgroup_mma_wait(0, deps=(acc,))
+        _store_tile(acc, (i_g + i_q * N_GROUPS) * BN, t0, full, dev_total, total, w_scale, kv_scale, k_desc, v_desc,
+                    k_out, o_smem, V_OFF, N, P, QK, VD, HD, s_kt, s_kh, s_vt, s_vh, BT, BN, BC, MMA, LD, W_SCALE_ROW,
+                    HAS_KV_SCALE)
+    tma.store_wait(0)
+    for i in gl.static_range(STAGES):
+        mbarrier.invalidate(ready.index(i))
+
+
+@functools.lru_cache(maxsize=None)
+def _num_sms(device: torch.device) -> int:
+    if device.type != "cuda":  # compiling for sm_90 on a machine without one (ci/compile_check)
+        return 132
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def supported(kv_cache: torch.Tensor, w: torch.Tensor, out_dtype: torch.dtype, w_scale_mode: int,
+              qk_nope_head_dim: int, v_head_dim: int, P: int, total: int) -> bool:
+    """Whether this kernel applies: an sm_90 GPU (wgmma), a bf16/fp16 cache and a weight of the same
+    type in the product, a 16-bit output, no per-step scale (w_scale_mode 0 none or 1 per row), head
+    dims multiples of 64 and P of 8, L <= MAX_L, rows with 16-byte-aligned starts and a contiguous last dim
+    (16-byte loads, TMA)."""
+    if kv_cache.device.type != "cuda" or torch.cuda.get_device_capability(kv_cache.device) != (9, 0):
+        return False
+    if kv_cache.dtype not in _GL or w.dtype != kv_cache.dtype or out_dtype not in _GL:
+        return False
+    if w_scale_mode not in (0, 1) or qk_nope_head_dim % BC or v_head_dim % BC or P % 8:
+        return False
+    if total + BT >= 2 ** 31 or kv_cache.shape[2] - P > MAX_L:
+        return False
+    return (kv_cache.stride(2) == 1 and kv_cache.stride(0) % 8 == 0 and kv_cache.stride(1) % 8 == 0
+            and kv_cache.data_ptr() % 16 == 0 and w.stride(1) == 1 and w.stride(0) % 8 == 0
+            and w.data_ptr() % 16 == 0)
+
+
+def launch(kv_cache, kv_indptr, kv_indices, cu_kv_lens, w, w_scale, kv_scale, k, v, n_k_el, *,
+           total, H, L, P, QK, VD, w_scale_mode):
+    """Launch on checked inputs (the caller's _check and supported()); k and v are the contiguous
+    views of one buffer that the Triton launcher allocates. w_scale: None or per row [N]."""
+    N = w.shape[0]
+    B = kv_indptr.shape[0] - 1
+    k2 = k.view(total, H * (QK + P))
+    v2 = v.view(total, H * VD)
+    o_layout = gl.NVMMASharedLayout.get_default_for([BT, BC], _GL[k.dtype])
+    k_desc = TensorDescriptor(k2, list(k2.shape), list(k2.stride()), [BT, BC], o_layout)
+    v_desc = TensorDescriptor(v2, list(v2.shape), list(v2.stride()), [BT, BC], o_layout)
+    w_desc = TensorDescriptor(w, [N, L], [w.stride(0), 1], [BN, BK],
+                              gl.NVMMASharedLayout.get_default_for([BN, BK], _GL[w.dtype]))
+    n_out_tiles = triton.cdiv(N, BN)
+    n_token_tiles = triton.cdiv(total, BT)
+    # about two programs per SM (one runs at a time: 160 KB of shared memory each); the output
+    # tiles are split into groups when the token tiles are fewer (H100, 16384 tokens: 256 programs
+    # of 16 / 28 tiles take 0.139 / 0.221 ms, 128 programs of 32 / 56 tiles 0.14-0.21 / 0.22-0.23,
+    # and 0.26 / 0.25 with a weight prepared in the same call)
+    n_groups = min(n_out_tiles, max(1, 2 * _num_sms(kv_cache.device) // n_token_tiles))
+    _gather_kv_b_proj_sm90_kernel[(n_token_tiles * n_groups,)](
+        kv_cache, kv_indptr, kv_indices, cu_kv_lens, w_desc, w_scale if w_scale is not None else w,
+        kv_scale if kv_scale is not None else w, k_desc, v_desc, k, n_k_el,
+        total, B, max(B - 1, 0).bit_length(), kv_cache.shape[1], L, P, QK, VD, QK + VD, N, n_out_tiles, n_groups, H,
+        kv_cache.stride(0), kv_cache.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
+        BT=BT, BN=BN, BK=BK, BC=BC, BP=max(16, triton.next_power_of_2(max(P, 1))), STAGES=STAGES,
+        W_SCALE_ROW=w_scale_mode == 1, HAS_KV_SCALE=kv_scale is not None, HAS_PE=P > 0, num_warps=NUM_WARPS,
+    )
