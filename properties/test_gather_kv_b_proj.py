@@ -171,6 +171,43 @@ def test_host_total(impl, case):
                        f"poisoned allocation (never written)", got[cut:], poisoned(got[cut:].shape, got.dtype, got.device))
 
 
+def _on_sm90() -> bool:
+    return backend.BACKEND == "cuda" and torch.cuda.get_device_capability() == (9, 0)
+
+
+@prop(inp.cases(min_seqs=2, min_total=1, sm90=True))
+def test_sm90_matches_portable(impl, case):
+    """On an sm_90 GPU, for the shapes and types that select the warpgroup kernel
+    (kernels/gather_kv_b_proj_sm90: checked, so the property cannot test the portable kernel
+    against itself), k and v are bit-identical to the portable Triton kernel's: the same K steps,
+    scales and single rounding, over head dims that are multiples of 64, L up to 512, P multiples
+    of 8, block sizes 1..128, token tiles cut at every length, padded strides, bf16/fp16 operands
+    (fp8 weights prepared) and outputs. With the last sequence cut from the tables and a host total
+    past cu_kv_lens[-1], both leave the rows past it unwritten (NaN) and agree on the rest."""
+    if not _on_sm90():
+        pytest.skip("the sm_90 kernel runs on an sm_90 GPU only")
+    from kernels.gather_kv_b_proj import gather_kv_b_proj_launch, selected_kernel
+    x = inp.build(case)
+    kernel = x.call(selected_kernel)
+    if kernel != "sm90":
+        _fail(f"the case selects the {kernel} kernel, not the sm_90 one: {case}")
+    k, v = run(impl, x)
+    kp, vp = run(gather_kv_b_proj_launch, x, portable=True)
+    assert_bitwise("k (sm_90 kernel vs portable)", k, kp)
+    assert_bitwise("v (sm_90 kernel vs portable)", v, vp)
+    if case.lens[-1] > 0:
+        cache, indptr, indices, cu, w = x.args
+        cut = sum(case.lens) - case.lens[-1]
+        cut_args = (cache, indptr[:-1], indices, cu[:-1], w)
+        k3, v3 = run(impl, x, *cut_args, total=sum(case.lens))
+        k4, v4 = run(gather_kv_b_proj_launch, x, *cut_args, total=sum(case.lens), portable=True)
+        for name, got, ref in (("k", k3, k4), ("v", v3, v4)):
+            assert_bitwise(f"{name} (last sequence cut, host total {sum(case.lens)} past cu_kv_lens[-1] = {cut}) "
+                           f"vs portable", got, ref)
+            assert_bitwise(f"{name}[{cut}:] (rows past cu_kv_lens[-1]) vs the poisoned allocation (never written)",
+                           got[cut:], poisoned(got[cut:].shape, got.dtype, got.device))
+
+
 @prop(inp.cases(min_total=1), examples=0.2)
 def test_bad_total_rejected(impl, case):
     """A bad host `total` (negative, not an int, non-zero with no sequences) raises

@@ -43,9 +43,24 @@ def bounds():
     total * N capped (`max_work`) so the float64 oracle stays well under a GiB."""
     return backend.pick(
         interpreter=dict(max_total=64, max_seqs=4, max_heads=4, ranks=(16, 32, 48, 64), max_rope=48,
-                         max_dim=48, max_block_size=64, max_extra_blocks=3, max_pad=8, max_work=64 * 4 * 96),
+                         max_dim=48, max_block_size=64, max_extra_blocks=3, max_pad=8, max_work=64 * 4 * 96,
+                         sm90_shapes=False),
         cuda=dict(max_total=4096, max_seqs=8, max_heads=16, ranks=tuple(range(16, 1025, 16)), max_rope=128,
-                  max_dim=512, max_block_size=128, max_extra_blocks=8, max_pad=64, max_work=2 ** 24))
+                  max_dim=512, max_block_size=128, max_extra_blocks=8, max_pad=64, max_work=2 ** 24,
+                  sm90_shapes=True))
+
+
+# operand and output types that run on the sm_90 kernel: 16-bit operands of one type (a weight
+# prepared by weight_plan included: an fp8 weight dequantised from block scales beside bf16 with a
+# bf16 output, or converted beside a per-row or no scale) and a 16-bit output
+SM90_TYPES = st.one_of(
+    st.builds(dict, cache_dtype=st.sampled_from(["bfloat16", "float16"]), w_dtype=st.just("same"),
+              w_scale=st.sampled_from(["none", "row"]), out_dtype=st.sampled_from(["bfloat16", "float16"])),
+    st.builds(dict, cache_dtype=st.just("bfloat16"), w_dtype=st.sampled_from(["bfloat16", kst.FP8_NAME]),
+              w_scale=st.just("block"), out_dtype=st.just("bfloat16")),
+    st.builds(dict, cache_dtype=st.sampled_from(["bfloat16", "float16"]), w_dtype=st.just(kst.FP8_NAME),
+              w_scale=st.sampled_from(["none", "row"]), out_dtype=st.sampled_from(["bfloat16", "float16"])),
+).map(lambda t: {**t, "w_dtype": t["cache_dtype"] if t["w_dtype"] == "same" else t["w_dtype"]})
 
 
 def ranks(values):
@@ -81,18 +96,39 @@ def uniform_scales():
 
 
 @st.composite
-def cases(draw, *, min_seqs: int = 0, min_total: int = 0, w_scale=None, tight: bool = False):
+def cases(draw, *, min_seqs: int = 0, min_total: int = 0, w_scale=None, tight: bool = False,
+          sm90: Optional[bool] = None):
     """A full call of the op: B = 0 (no sequence) up to max_seqs sequences, empty ones included.
     `w_scale` fixes the scale mode; `tight` asks for a table whose highest block id holds tokens
     (the cache is then allocated with no block past it); `min_total` >= 1 makes sure some
-    sequence is not empty. Shrinks towards no sequence, one head, small dims, bf16, no scales."""
+    sequence is not empty. Shrinks towards no sequence, one head, small dims, bf16, no scales.
+
+    On the GPU half the cases have the shapes the sm_90 kernel takes (kernels/gather_kv_b_proj_sm90:
+    qk_nope and v_head_dim multiples of 64, P and the paddings multiples of 8, L <= 512), so every
+    property runs on both kernels; `sm90=True` asks for such a case with operand and output types
+    that select it too (test_sm90_matches_portable), `sm90=False` for any case."""
     b = bounds()
     min_seqs = max(min_seqs, 1 if min_total else 0)
+    shapes = sm90 if sm90 is not None else b["sm90_shapes"] and draw(st.booleans())
     H = draw(st.integers(1, b["max_heads"]))
-    qk = draw(kst.head_dims(max_dim=b["max_dim"]))
-    vd = draw(kst.head_dims(max_dim=b["max_dim"]))
-    L = draw(ranks(b["ranks"]))
-    P = draw(rope_dims(max_dim=b["max_rope"]))
+    if shapes:
+        # (qk = v = 64 past the interpreter's bounds: there test_sm90_matches_portable skips)
+        qk = 64 * draw(st.integers(1, max(1, b["max_dim"] // 64)))
+        vd = 64 * draw(st.integers(1, max(1, b["max_dim"] // 64)))
+        L = draw(ranks(tuple(r for r in b["ranks"] if r <= 512)))
+        P = 8 * draw(st.integers(0, b["max_rope"] // 8))
+        pads = st.integers(0, b["max_pad"] // 8).map(lambda n: 8 * n)
+    else:
+        qk = draw(kst.head_dims(max_dim=b["max_dim"]))
+        vd = draw(kst.head_dims(max_dim=b["max_dim"]))
+        L = draw(ranks(b["ranks"]))
+        P = draw(rope_dims(max_dim=b["max_rope"]))
+        pads = kst.row_pads(max_pad=b["max_pad"])
+    if sm90 is True:
+        types = draw(SM90_TYPES)
+    else:
+        types = dict(cache_dtype=draw(st.sampled_from(CACHE_DTYPES)), w_dtype=draw(st.sampled_from(WEIGHT_DTYPES)),
+                     w_scale=w_scale or draw(st.sampled_from(W_SCALES)), out_dtype=draw(st.sampled_from(OUT_DTYPES)))
     block_size = draw(kst.block_sizes(max_block_size=b["max_block_size"]))
     cap = max(min_total, min(b["max_total"], b["max_work"] // (H * (qk + vd))))
     # now and then no sequence at all (B = 0); shrinks towards it
@@ -107,16 +143,13 @@ def cases(draw, *, min_seqs: int = 0, min_total: int = 0, w_scale=None, tight: b
         share_prefix=draw(st.booleans()),
         extra_blocks=0 if tight else draw(st.integers(0, b["max_extra_blocks"])),
         tight=tight,
-        cache_dtype=draw(st.sampled_from(CACHE_DTYPES)),
-        w_dtype=draw(st.sampled_from(WEIGHT_DTYPES)),
-        w_scale=w_scale or draw(st.sampled_from(W_SCALES)),
+        **types,
         kv_scale=draw(kst.quant_scales(min_exp=-6, max_exp=2)),
         magnitude=draw(st.sampled_from([1.0, 8.0])),
-        out_dtype=draw(st.sampled_from(OUT_DTYPES)),
         index_dtype=draw(st.sampled_from(["int32", "int64"])),
-        row_pad=draw(kst.row_pads(max_pad=b["max_pad"])),
-        block_pad=draw(kst.row_pads(max_pad=b["max_pad"])),
-        w_pad=draw(kst.row_pads(max_pad=b["max_pad"])),
+        row_pad=draw(pads),
+        block_pad=draw(pads),
+        w_pad=draw(pads),
     )
 
 

@@ -103,6 +103,26 @@ scalar_output_stores = _entry(
     "scalar_output_stores", ("            o_o = tl.max_contiguous(tl.multiple_of(o_o, [1, 8]), [1, 8])\n", "            pass\n"))
 
 
+
+
+def _sm90_entry(tag, *replacements):
+    """A mutant of the sm_90 kernel, reached through the production launcher (GPU only: on the
+    interpreter the property that kills it skips)."""
+    return _entry(tag, ("from kernels import gather_kv_b_proj_sm90 as sm90\n",
+                        "from properties.mutants._mutate import mutate\n"
+                        f"sm90 = mutate('kernels.gather_kv_b_proj_sm90', {list(replacements)!r}, tag={tag + '_k'!r})\n"))
+
+
+# the sm_90 kernel's V pieces land qk_nope columns to the right (the column inside the head not
+# reduced by qk: the portable kernel's qk_equals_v in another form; the TMA store clips at the
+# last head, so nothing lands outside v)
+sm90_v_column = _sm90_entry("sm90_v_column", ("[t0, i_h * VD + (i_r - QK)]", "[t0, i_h * VD + i_r]"))
+
+# the sm_90 kernel stores a whole token tile by TMA when it ends before the host total, even past
+# cu_kv_lens[-1] (rows past it get zeros)
+sm90_device_total_ignored = _sm90_entry("sm90_device_total_ignored",
+                                        ("full = (t0 + BT <= dev_total) & (t0 + BT <= total)", "full = t0 + BT <= total"))
+
 MUTANTS = {
     "qk_equals_v": ("qk_equals_v", ("test_equivalence",),
                     "qk_nope_head_dim assumed equal to v_head_dim (K/V split at (qk + v) / 2)"),
@@ -128,4 +148,8 @@ MUTANTS = {
     "device_total_ignored": ("device_total_ignored", ("test_host_total",),
                              "rows masked by the host total only: rows past cu_kv_lens[-1] read and written"),
     "total_unchecked": ("total_unchecked", ("test_bad_total_rejected",), "the host total is not validated"),
+    "sm90_v_column": ("sm90_v_column", ("test_sm90_matches_portable",),
+                      "the sm_90 kernel's V pieces stored qk_nope columns to the right"),
+    "sm90_device_total_ignored": ("sm90_device_total_ignored", ("test_sm90_matches_portable",),
+                                  "the sm_90 kernel stores whole tiles past cu_kv_lens[-1] by TMA"),
 }
