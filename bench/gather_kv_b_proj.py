@@ -7,14 +7,16 @@ over the measured time. The eager baseline is index_select gather + dequantise +
 `ms` is the call as the contract defines it (it reads cu_kv_lens[-1] on the host, a synchronisation
 that leaves the GPU idle while the host launches); `ms_total` passes the host's `total` (no read,
 no synchronisation, like the eager baseline, whose gather plan is made before timing); `roof` and
-`speedup` use `ms_total`.
+`speedup` use `ms_total`. `ms_graph` replays the call (total given) from a CUDA graph: the GPU's
+time without the host's (the launcher's Python, the TMA descriptors of the sm_90 kernel);
+`roof_graph` and `speedup_graph` use it against the eager composition replayed the same way.
 --sweep times a few kernel configs per shape (for picking the launcher's default).
 """
 import sys
 
 import torch
 
-from bench.timing import COPY_TBPS, MATMUL_TFLOPS, bench_ms, record
+from bench.timing import COPY_TBPS, MATMUL_TFLOPS, bench_ms, graph_ms, record
 
 FP8 = torch.float8_e4m3fn
 MODELS = {  # name: (H, L, P, qk_nope, v) at TP8
@@ -126,6 +128,7 @@ def main(sweep: bool = False) -> None:
                 kind = "fp8" if cache_dtype == w_dtype == FP8 else "16-bit"
                 configs += [Config(*c) for c in SWEEP[kind]]
             ms_e = bench_ms(lambda: eager(cache, w, slots, **kw))
+            ms_eg = graph_ms(lambda: eager(cache, w, slots, **kw))
             for cfg in configs:
                 try:
                     fn = (lambda: gather_kv_b_proj_launch(*args, **kw, config=cfg))
@@ -134,7 +137,7 @@ def main(sweep: bool = False) -> None:
                         ck, cv = f()
                         _check_close(f"{model} {cfg} k", ck, ek)
                         _check_close(f"{model} {cfg} v", cv, ev)
-                    ms, ms_t = bench_ms(fn), bench_ms(fn_total)
+                    ms, ms_t, ms_g = bench_ms(fn), bench_ms(fn_total), graph_ms(fn_total)
                 except AssertionError:
                     raise  # a config that computes a wrong answer stops the benchmark
                 except Exception as e:  # a config that does not fit (shared memory) is skipped
@@ -145,7 +148,8 @@ def main(sweep: bool = False) -> None:
                     dtype=f"cache {_name(cache_dtype)} w {_name(w_dtype)}{'+' + ws_kind if ws_kind else ''}",
                     config="default" if cfg is None else "/".join(map(str, cfg)),
                     ms=ms, ms_total=ms_t, tflops=flops / ms_t * 1e-9, gbps=bytes_ / ms_t * 1e-6, bound=bound,
-                    roof=t_roof_ms / ms_t, eager_ms=ms_e, speedup=ms_e / ms_t))
+                    roof=t_roof_ms / ms_t, eager_ms=ms_e, speedup=ms_e / ms_t,
+                    ms_graph=ms_g, roof_graph=t_roof_ms / ms_g, speedup_graph=ms_eg / ms_g))
     record(rows)
 
 

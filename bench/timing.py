@@ -29,6 +29,12 @@ def bench_ms(fn, *, warmup_ms: int = 25, rep_ms: int = 100) -> float:
     return triton.testing.do_bench(fn, warmup=warmup_ms, rep=rep_ms, return_mode="median")
 
 
+def graph_ms(fn, *, rep_ms: int = 100) -> float:
+    """Median milliseconds of fn() replayed from a CUDA graph (no host work between calls)."""
+    import triton.testing
+    return triton.testing.do_bench_cudagraph(fn, rep=rep_ms, return_mode="median")
+
+
 def record(rows, path=None) -> None:
     """Print rows (a list of dicts) as a table and append them as JSON lines to `path` or $BENCH_OUT."""
     if not rows:
