@@ -123,6 +123,10 @@ sm90_v_column = _sm90_entry("sm90_v_column", ("[t0, i_h * VD + (i_r - QK)]", "[t
 sm90_device_total_ignored = _sm90_entry("sm90_device_total_ignored",
                                         ("full = (t0 + BT <= dev_total) & (t0 + BT <= total)", "full = t0 + BT <= total"))
 
+# the sm_90 kernel's own sequence search (the same search in Gluon) takes `<` for `<=`, as
+# tail_read_past_len does in the portable kernel
+sm90_tail_read = _sm90_entry("sm90_tail_read", ("m_go = b_cu <= o_t", "m_go = b_cu < o_t"))
+
 MUTANTS = {
     "qk_equals_v": ("qk_equals_v", ("test_equivalence",),
                     "qk_nope_head_dim assumed equal to v_head_dim (K/V split at (qk + v) / 2)"),
@@ -152,4 +156,6 @@ MUTANTS = {
                       "the sm_90 kernel's V pieces stored qk_nope columns to the right"),
     "sm90_device_total_ignored": ("sm90_device_total_ignored", ("test_sm90_matches_portable",),
                                   "the sm_90 kernel stores whole tiles past cu_kv_lens[-1] by TMA"),
+    "sm90_tail_read": ("sm90_tail_read", ("test_sm90_matches_portable",),
+                       "the sm_90 kernel's sequence search reads token len(b-1) of the previous sequence"),
 }
