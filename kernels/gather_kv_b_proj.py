@@ -522,7 +522,7 @@ def selected_kernel(kv_cache, kv_indptr, kv_indices, cu_kv_lens, w_kv_b, *, kv_l
                     total: Optional[int] = None) -> str:
     """'sm90' or 'portable': the kernel gather_kv_b_proj runs for these (valid) inputs, decided as
     the launcher decides it (a prepared weight is [N, L] contiguous)."""
-    P, H, mode = _check(kv_cache, kv_indptr, kv_indices, cu_kv_lens, w_kv_b, kv_lora_rank,
+    P, _, mode = _check(kv_cache, kv_indptr, kv_indices, cu_kv_lens, w_kv_b, kv_lora_rank,
                         qk_nope_head_dim, v_head_dim, w_scale, kv_scale, out_dtype)
     total = int(cu_kv_lens[-1]) if total is None else total
     plan = weight_plan(kv_cache.dtype, w_kv_b.dtype, out_dtype, mode)
