@@ -124,11 +124,6 @@ def cases(draw, *, min_seqs: int = 0, min_total: int = 0, w_scale=None, tight: b
         L = draw(ranks(b["ranks"]))
         P = draw(rope_dims(max_dim=b["max_rope"]))
         pads = kst.row_pads(max_pad=b["max_pad"])
-    if sm90 is True:
-        types = draw(SM90_TYPES)
-    else:
-        types = dict(cache_dtype=draw(st.sampled_from(CACHE_DTYPES)), w_dtype=draw(st.sampled_from(WEIGHT_DTYPES)),
-                     w_scale=w_scale or draw(st.sampled_from(W_SCALES)), out_dtype=draw(st.sampled_from(OUT_DTYPES)))
     block_size = draw(kst.block_sizes(max_block_size=b["max_block_size"]))
     cap = max(min_total, min(b["max_total"], b["max_work"] // (H * (qk + vd))))
     # now and then no sequence at all (B = 0); shrinks towards it
@@ -137,15 +132,22 @@ def cases(draw, *, min_seqs: int = 0, min_total: int = 0, w_scale=None, tight: b
                                                 edges=length_edges(block_size, cap)))
     if sum(lens) < min_total:
         lens[-1] += min_total - sum(lens)
+    # (the draws keep their order from before the sm_90 shapes, so the interpreter's cases stay)
+    seed, spare_refs, share_prefix = draw(kst.seeds()), draw(st.booleans()), draw(st.booleans())
+    extra_blocks = 0 if tight else draw(st.integers(0, b["max_extra_blocks"]))
+    if sm90 is True:
+        types = draw(SM90_TYPES)
+    else:
+        types = dict(cache_dtype=draw(st.sampled_from(CACHE_DTYPES)), w_dtype=draw(st.sampled_from(WEIGHT_DTYPES)),
+                     w_scale=w_scale or draw(st.sampled_from(W_SCALES)))
+    kv_scale = draw(kst.quant_scales(min_exp=-6, max_exp=2))
+    magnitude = draw(st.sampled_from([1.0, 8.0]))
+    if sm90 is not True:
+        types["out_dtype"] = draw(st.sampled_from(OUT_DTYPES))
     return Case(
-        seed=draw(kst.seeds()), lens=lens, H=H, qk=qk, vd=vd, L=L, P=P, block_size=block_size,
-        spare_refs=draw(st.booleans()),
-        share_prefix=draw(st.booleans()),
-        extra_blocks=0 if tight else draw(st.integers(0, b["max_extra_blocks"])),
-        tight=tight,
-        **types,
-        kv_scale=draw(kst.quant_scales(min_exp=-6, max_exp=2)),
-        magnitude=draw(st.sampled_from([1.0, 8.0])),
+        seed=seed, lens=lens, H=H, qk=qk, vd=vd, L=L, P=P, block_size=block_size, spare_refs=spare_refs,
+        share_prefix=share_prefix, extra_blocks=extra_blocks, tight=tight, **types, kv_scale=kv_scale,
+        magnitude=magnitude,
         index_dtype=draw(st.sampled_from(["int32", "int64"])),
         row_pad=draw(pads),
         block_pad=draw(pads),
