@@ -251,6 +251,12 @@ def supported(kv_cache: torch.Tensor, w: torch.Tensor, out_dtype: torch.dtype, w
             and w.data_ptr() % 16 == 0)
 
 
+@functools.lru_cache(maxsize=None)
+def _smem_layout(block_shape: tuple, dtype: torch.dtype):
+    # built once per shape and type: get_default_for costs tens of microseconds of host time
+    return gl.NVMMASharedLayout.get_default_for(list(block_shape), _GL[dtype])
+
+
 def launch(kv_cache, kv_indptr, kv_indices, cu_kv_lens, w, w_scale, kv_scale, k, v, n_k_el, *,
            total, H, L, P, QK, VD, w_scale_mode):
     """Launch on checked inputs (the caller's _check and supported()); k and v are the contiguous
@@ -259,11 +265,10 @@ def launch(kv_cache, kv_indptr, kv_indices, cu_kv_lens, w, w_scale, kv_scale, k,
     B = kv_indptr.shape[0] - 1
     k2 = k.view(total, H * (QK + P))
     v2 = v.view(total, H * VD)
-    o_layout = gl.NVMMASharedLayout.get_default_for([BT, BC], _GL[k.dtype])
+    o_layout = _smem_layout((BT, BC), k.dtype)
     k_desc = TensorDescriptor(k2, list(k2.shape), list(k2.stride()), [BT, BC], o_layout)
     v_desc = TensorDescriptor(v2, list(v2.shape), list(v2.stride()), [BT, BC], o_layout)
-    w_desc = TensorDescriptor(w, [N, L], [w.stride(0), 1], [BN, BK],
-                              gl.NVMMASharedLayout.get_default_for([BN, BK], _GL[w.dtype]))
+    w_desc = TensorDescriptor(w, [N, L], [w.stride(0), 1], [BN, BK], _smem_layout((BN, BK), w.dtype))
     n_out_tiles = triton.cdiv(N, BN)
     n_token_tiles = triton.cdiv(total, BT)
     # about two programs per SM (one runs at a time: 160 KB of shared memory each); the output
