@@ -43,7 +43,9 @@ Design
   runs unscaled, the K steps in one chain of tensor-core products; an fp8 weight with a per-row
   or no scale beside a 16-bit cache is converted exactly to the cache's type the same way
   (weight_plan); otherwise (float16/float32 outputs, fp8 x fp8, a float16
-  partner) the scale multiplies each K step's exact partial product.
+  partner) the scale multiplies each K step's exact partial product. A float32 output sums
+  each K step's product (128 columns) apart from the accumulator, in IEEE float32 (_add_rn): an
+  H100 carrying the accumulator through the whole chain of products misses float32's budget.
 - The rope part is written per head after the output tiles (the program of output tiles i_g,
   i_g + N_GROUPS, ... writes heads i_g, i_g + N_GROUPS, ...): the float32 product
   cache * kv_scale, rounded once to out_dtype (the same value torch gives for
@@ -96,6 +98,17 @@ def _rope_out(b_pe, kv_scale, out_ty: tl.constexpr, HAS_KV_SCALE: tl.constexpr, 
 
 
 @triton.jit
+def _add_rn(x, y):
+    """x + y in IEEE float32 (round to nearest), kept apart from the product y: Triton folds a plain
+    `acc + tl.dot(a, b)` into the tensor-core chain `tl.dot(a, b, acc)`, and an H100 carrying the
+    accumulator through a long chain of wgmma products loses float32 bits (measured: a float32
+    output with L = 512-1024 off by up to 6.9x the error budget; with a fresh product per K step
+    of 128, added here, at most 0.79x)."""
+    return tl.inline_asm_elementwise("add.rn.f32 $0, $1, $2;", "=r,r,r", [x, y], dtype=tl.float32,
+                                     is_pure=True, pack=1)
+
+
+@triton.jit
 def _divmod_small(n, d, inv_d):
     """(n // d, n % d) for int32 0 <= n < 2^20 and d >= 1, with inv_d = float32(1 / d): a float
     multiply instead of an integer division by a run-time value (~25 instructions). Exact:
@@ -137,6 +150,7 @@ def _gather_kv_b_proj_kernel(
     EVEN_K: tl.constexpr, EVEN_N: tl.constexpr, ALIGNED: tl.constexpr,
     W_SCALE_MODE: tl.constexpr, HAS_KV_SCALE: tl.constexpr, HAS_PE: tl.constexpr,
     DOT_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr, EXACT_ROUNDING: tl.constexpr,
+    STEP_SUM: tl.constexpr,
 ):
     # program -> (token tile, output tiles i_g, i_g + N_GROUPS, ...)
     i_p = tl.program_id(0)
@@ -219,6 +233,10 @@ def _gather_kv_b_proj_kernel(
                 b_acc += b_p * b_s[None, :]
             elif EXACT_ROUNDING:
                 b_acc += b_p
+            elif STEP_SUM:
+                # a float32 output: each K step's product starts from zero and is added in IEEE
+                # float32 (see _add_rn)
+                b_acc = _add_rn(b_acc, tl.dot(b_a.to(DOT_DTYPE), b_w.to(DOT_DTYPE), input_precision=INPUT_PRECISION))
             else:
                 b_acc = tl.dot(b_a.to(DOT_DTYPE), b_w.to(DOT_DTYPE), b_acc, input_precision=INPUT_PRECISION)
 
@@ -323,7 +341,7 @@ class Config(NamedTuple):
 def pick_config(cache_dtype: torch.dtype, w_dtype: torch.dtype, out_dtype: torch.dtype,
                 per_step_scale: bool = False) -> Config:
     """One config per operand width (output tiles cross head and segment boundaries, so the head
-    dims do not pick the tile), smaller for a float32 output from 16-bit operands. w_dtype is the
+    dims do not pick the tile); a float32 output takes the per-step config. w_dtype is the
     weight's type in the product (a prepared weight is 16-bit: weight_plan); per_step_scale: a
     block scale multiplies each K step's product (every K step waits for it)."""
     if interpreting():
@@ -346,11 +364,8 @@ def pick_config(cache_dtype: torch.dtype, w_dtype: torch.dtype, out_dtype: torch
         return Config(BT=64, BN=128, BK=128, num_warps=4, num_stages=4, tiles_per_program=32)
     if per_step_scale:
         return Config(BT=64, BN=128, BK=128, num_warps=4, num_stages=3, tiles_per_program=32)
-    if out_dtype == torch.float32:
-        # the 16-byte stores of a float32 tile go through a [BT, BN] float32 layout conversion in
-        # shared memory: 128 KB at 128 x 256, beside the copy buffers (over the 227 KB an sm_90
-        # block may use; 128 x 128 on 4 warps: 128 KB in all)
-        return Config(BT=128, BN=128, BK=64, num_warps=4, num_stages=3, tiles_per_program=16)
+    # (a float32 output sums each K step apart, so it takes the per-step config: the caller passes
+    # per_step_scale)
     return Config(BT=128, BN=256, BK=64, num_warps=8, num_stages=4, tiles_per_program=16)
 
 
@@ -471,8 +486,10 @@ def gather_kv_b_proj_launch(kv_cache, kv_indptr, kv_indices, cu_kv_lens, w_kv_b,
     # the weight's dtype in the product
     w_dtype = {WEIGHT_AS_IS: w_kv_b.dtype, WEIGHT_CONVERTED: kv_cache.dtype,
                WEIGHT_DEQUANTISED: torch.bfloat16}[plan]
+    # a float32 output sums each K step's product apart from the accumulator (_add_rn)
+    step_sum = out_dtype == torch.float32 and not (plan == WEIGHT_AS_IS and mode == W_SCALE_BLOCK)
     cfg = config or pick_config(kv_cache.dtype, w_dtype, out_dtype,
-                                per_step_scale=plan == WEIGHT_AS_IS and mode == W_SCALE_BLOCK)
+                                per_step_scale=(plan == WEIGHT_AS_IS and mode == W_SCALE_BLOCK) or step_sum)
     if cfg.BK > SCALE_BLOCK or SCALE_BLOCK % cfg.BK:
         raise ValueError(f"config: expected BK dividing {SCALE_BLOCK}, got {cfg.BK}")
     N = w_kv_b.shape[0]
@@ -511,7 +528,7 @@ def gather_kv_b_proj_launch(kv_cache, kv_indptr, kv_indices, cu_kv_lens, w_kv_b,
         BT=cfg.BT, BN=cfg.BN, BK=cfg.BK, BP=max(16, triton.next_power_of_2(max(P, 1))),
         EVEN_K=L % cfg.BK == 0, EVEN_N=N % cfg.BN == 0, ALIGNED=QK % 8 == 0 and VD % 8 == 0 and P % 8 == 0,
         W_SCALE_MODE=mode, HAS_KV_SCALE=kv_scale is not None, HAS_PE=P > 0,
-        DOT_DTYPE=dot_dtype, INPUT_PRECISION=precision, EXACT_ROUNDING=interpreting(),
+        DOT_DTYPE=dot_dtype, INPUT_PRECISION=precision, EXACT_ROUNDING=interpreting(), STEP_SUM=step_sum,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     return k, v
