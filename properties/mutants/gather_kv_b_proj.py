@@ -103,8 +103,6 @@ scalar_output_stores = _entry(
     "scalar_output_stores", ("            o_o = tl.max_contiguous(tl.multiple_of(o_o, [1, 8]), [1, 8])\n", "            pass\n"))
 
 
-
-
 def _sm90_entry(tag, *replacements):
     """A mutant of the sm_90 kernel, reached through the production launcher (GPU only: on the
     interpreter the property that kills it skips)."""
@@ -126,6 +124,7 @@ sm90_device_total_ignored = _sm90_entry("sm90_device_total_ignored",
 # the sm_90 kernel's own sequence search (the same search in Gluon) takes `<` for `<=`, as
 # tail_read_past_len does in the portable kernel
 sm90_tail_read = _sm90_entry("sm90_tail_read", ("m_go = b_cu <= o_t", "m_go = b_cu < o_t"))
+
 
 MUTANTS = {
     "qk_equals_v": ("qk_equals_v", ("test_equivalence",),
