@@ -140,7 +140,7 @@ def gather_cases(gather_kv_b_proj):
                                                                        block_size=1)
 
     def sm90_case(H=2, L=512, P=64, qk=128, v=128, dtype=torch.bfloat16, out=torch.bfloat16, row_scale=False,
-                  kv_scale=False, block_size=16):
+                  kv_scale=False, block_size=16, block_scale=False):
         # the sm_90 kernel, launched directly (its launcher's dispatch needs an sm_90 device)
         from kernels import gather_kv_b_proj_sm90 as sm90
         T = 25
@@ -150,9 +150,10 @@ def gather_cases(gather_kv_b_proj):
         buf = torch.empty(n_k_el + T * H * v, dtype=out)
         sm90.launch(kv_cache, torch.tensor([0, 2], dtype=torch.int32), torch.arange(2, dtype=torch.int32),
                     torch.tensor([0, T], dtype=torch.int32), torch.zeros(N, L).to(dtype),
-                    torch.ones(N) if row_scale else None, torch.ones(1) if kv_scale else None,
+                    torch.ones(N) if row_scale else torch.ones(-(-N // 128), -(-L // 128)) if block_scale else None,
+                    torch.ones(1) if kv_scale else None,
                     buf[:n_k_el].view(T, H, qk + P), buf[n_k_el:].view(T, H, v), n_k_el, total=T, H=H, L=L, P=P,
-                    QK=qk, VD=v, w_scale_mode=1 if row_scale else 0)
+                    QK=qk, VD=v, w_scale_mode=1 if row_scale else 2 if block_scale else 0)
 
     yield "sm_90 kernel: bf16 DeepSeek-V3", lambda: sm90_case()
     yield "sm_90 kernel: fp16, qk=192 v=256, row scale, kv_scale, fp16 out", \
@@ -160,6 +161,10 @@ def gather_cases(gather_kv_b_proj):
     yield "sm_90 kernel: P=0, L=208, bf16 out from fp16", lambda: sm90_case(P=0, L=208, dtype=torch.float16)
     yield "sm_90 kernel: P=8 (row strides multiples of 8, not 16), block size 3", \
         lambda: sm90_case(P=8, L=64, qk=64, v=512, block_size=3)
+    yield "sm_90 kernel: fp8 x fp8, block scales, kv_scale (fp8 tensor cores)", \
+        lambda: sm90_case(dtype=fp8, block_scale=True, kv_scale=True)
+    yield "sm_90 kernel: fp8 x fp8, L=1024, qk=192 v=256, P=8", \
+        lambda: sm90_case(dtype=fp8, block_scale=True, L=1024, qk=192, v=256, P=8)
 
 
 def kda_cases(kda):

@@ -1,16 +1,20 @@
-"""gather_kv_b_proj on Hopper (sm_90) for 16-bit operands, written in Gluon.
+"""gather_kv_b_proj on Hopper (sm_90), written in Gluon.
 
 The same contract and the same products as kernels/gather_kv_b_proj.py (SPEC.md section 3), for
-the case that carries prefill traffic: a bf16/fp16 cache beside a weight of the same type (as
-given, or prepared by weight_plan), a 16-bit output, no per-step scale, L <= 512, head dims that
-are multiples of 64. The portable Triton kernel reloads each token tile's latent rows for every
+the cases that carry prefill traffic: a bf16/fp16 cache beside a weight of the same type (as
+given, or prepared by weight_plan) with a 16-bit output and no per-step scale, or an fp8 cache
+beside an fp8 weight with 128x128 block scales and a bf16 output (fp8 tensor cores); L <= 512,
+head dims that are multiples of 64. The portable Triton kernel reloads each token tile's latent rows for every
 output tile and stores each tile from registers between two tiles' products. Here:
 
 - A program owns BT = 128 token rows (two warpgroups) and a group of output tiles of BN = 128
   weight rows. It gathers its latent rows [BT, L] once (through the block table, rows past the
-  tokens and columns past L zero) and keeps them in registers as the A operand of every product
-  (L / 4 registers per thread), so only the weight streams through shared memory.
-- Each K step of BK = 64: the weight tile [BN, BK] arrives by TMA into a ring of STAGES buffers
+  tokens and columns past L zero) and keeps them as the A operand of every product: in registers
+  for 16-bit rows (L / 4 per thread), in shared memory for fp8 rows. Only the weight streams.
+- fp8 x fp8: each K step covers BK = 128 columns, one scale block (and the tile's 128 rows one
+  scale row), so the step's product starts from zero, is waited for, and is added to the float32
+  accumulator times its block scale, as the Triton kernel does.
+- Each K step of BK = 64 (16-bit): the weight tile [BN, BK] arrives by TMA into a ring of STAGES buffers
   (an mbarrier each); the product is an asynchronous wgmma, and as soon as the previous product
   has retired in every warp its buffer takes the step STAGES - 1 ahead. The step sequence runs
   across the program's output tiles without a break. 8 stages: the weight copies from L2 need
@@ -39,9 +43,11 @@ from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared
                                                               warpgroup_mma, warpgroup_mma_wait)
 from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
-BT, BN, BK, BC, STAGES, NUM_WARPS = 128, 128, 64, 64, 8, 8
-MAX_L = 512  # the latent rows of a token tile live in registers: L / 4 per thread
-_GL = {torch.bfloat16: gl.bfloat16, torch.float16: gl.float16}
+BT, BN, BC, STAGES, NUM_WARPS = 128, 128, 64, 8, 8
+FP8 = torch.float8_e4m3fn
+# the latent rows of a token tile live in registers: L bytes / 4 per thread (128 registers at most)
+MAX_L = {torch.bfloat16: 512, torch.float16: 512, FP8: 512}
+_GL = {torch.bfloat16: gl.bfloat16, torch.float16: gl.float16, FP8: gl.float8e4nv}
 
 
 @gluon.jit
@@ -117,17 +123,22 @@ def _store_tile(acc, n0, t0, full, dev_total, total, w_scale, kv_scale, k_desc, 
 def _gather_kv_b_proj_sm90_kernel(
     cache, kv_indptr, kv_indices, cu_kv_lens, w_desc, w_scale, kv_scale, k_desc, v_desc, k_out, V_OFF,
     total, B, n_search, block_size, L: gl.constexpr, P, QK, VD, HD, N, N_OUT_TILES, N_GROUPS, H,
-    s_cb, s_cs, s_kt, s_kh, s_vt, s_vh,
+    s_cb, s_cs, s_kt, s_kh, s_vt, s_vh, s_sn, s_sl,
     BT: gl.constexpr, BN: gl.constexpr, BK: gl.constexpr, BC: gl.constexpr, BP: gl.constexpr,
-    STAGES: gl.constexpr, W_SCALE_ROW: gl.constexpr, HAS_KV_SCALE: gl.constexpr, HAS_PE: gl.constexpr,
+    STAGES: gl.constexpr, W_SCALE_ROW: gl.constexpr, W_SCALE_BLOCK: gl.constexpr, HAS_KV_SCALE: gl.constexpr,
+    HAS_PE: gl.constexpr,
     num_warps: gl.constexpr,
 ):
     # [BT, BK] copies: 8 contiguous elements (16 bytes) per thread
-    LD: gl.constexpr = gl.BlockedLayout([1, 8], [4, 8], [num_warps, 1], [1, 0])
+    dtype: gl.constexpr = cache.dtype.element_ty
+    # [BT, BK] latent loads: 16 contiguous bytes per thread (BK = 64 16-bit or 128 fp8 elements)
+    VEC: gl.constexpr = 128 // dtype.primitive_bitwidth
+    LD: gl.constexpr = gl.BlockedLayout([1, VEC], [4, 8], [num_warps, 1], [1, 0])
+    # [BT, 64] 16-bit output pieces and the rope part: 8 elements (16 bytes) per thread
+    LO: gl.constexpr = gl.BlockedLayout([1, 8], [4, 8], [num_warps, 1], [1, 0])
     LR: gl.constexpr = gl.SliceLayout(1, LD)
     MMA: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1],
-                                                  instr_shape=[16, BN, 16])
-    dtype: gl.constexpr = cache.dtype.element_ty
+                                                  instr_shape=[16, BN, 256 // dtype.primitive_bitwidth])
 
     # program -> (token tile, output tiles i_g, i_g + N_GROUPS, ...)
     i_p = gl.program_id(0)
@@ -157,21 +168,33 @@ def _gather_kv_b_proj_sm90_kernel(
     b_blk = gl.where(m_row, b_blk, 0)
     # [BT] offset of each row's latent vector in the cache (its last dim is contiguous)
     o_row = b_blk * s_cb + (o_j % block_size) * s_cs
-    # the strides are multiples of 8 (supported()): 16-byte copies
-    o_row = gl.multiple_of(o_row, [8])
+    # the strides are multiples of 16 bytes (supported()): 16-byte loads
+    o_row = gl.multiple_of(o_row, [VEC])
 
     # ---- the token tile's latent rows [BT, L], gathered once and kept in registers as the
     # products' A operand (n_k pieces of [BT, BK]); only the weight streams through shared memory
     n_k: gl.constexpr = (L + BK - 1) // BK
-    A_L: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=MMA, k_width=2)
+    A_L: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=MMA, k_width=32 // dtype.primitive_bitwidth)
     o_kb = gl.arange(0, BK, layout=gl.SliceLayout(0, LD))
+    # fp8 rows stay in shared memory (64 KB at L = 512; the step's product and the accumulator
+    # need the registers: H100, DeepSeek-V3 dims, 0.116 ms against 0.125 from registers)
+    A_SMEM: gl.constexpr = dtype.primitive_bitwidth == 8
     a_all = ()
+    if A_SMEM:
+        a_smem = gl.allocate_shared_memory(dtype, [n_k, BT, BK], gl.NVMMASharedLayout.get_default_for([BT, BK], dtype))
     for i_k in gl.static_range(n_k):
         # [BK]
         o_k = i_k * BK + o_kb
         # [BT, BK]; rows past the tokens and columns past L are zero
         b_a = gl.load(cache + o_row[:, None] + o_k[None, :], mask=m_row[:, None] & (o_k < L)[None, :], other=0.0)
-        a_all = a_all + (gl.convert_layout(b_a, A_L),)
+        if A_SMEM:
+            a_smem.index(i_k).store(b_a)
+            a_all = a_all + (a_smem.index(i_k),)
+        else:
+            a_all = a_all + (gl.convert_layout(b_a, A_L),)
+    if A_SMEM:
+        fence_async_shared()
+        gl.thread_barrier()
 
     # ---- shared memory: STAGES weight tiles [BN, BK], two output pieces [BT, BC]
     w_smem = gl.allocate_shared_memory(dtype, [STAGES, BN, BK], w_desc.layout)
@@ -188,14 +211,17 @@ def _gather_kv_b_proj_sm90_kernel(
     if HAS_PE:
         # the rope part of heads i_g, i_g + N_GROUPS, ...: kv_scale * pe in float32, rounded once
         # [BP]
-        o_p = gl.arange(0, BP, layout=gl.SliceLayout(0, LD))
+        o_p = gl.arange(0, BP, layout=gl.SliceLayout(0, LO))
         # [BT, BP]
-        m_pe = m_row[:, None] & (o_p < P)[None, :]
-        b_pe = gl.load(cache + (o_row + L)[:, None] + o_p[None, :], mask=m_pe, other=0.0).to(gl.float32)
+        # [BT] in the output layout
+        o_tp = gl.convert_layout(o_t, gl.SliceLayout(1, LO))
+        o_rp = gl.convert_layout(o_row, gl.SliceLayout(1, LO))
+        m_pe = gl.convert_layout(m_row, gl.SliceLayout(1, LO))[:, None] & (o_p < P)[None, :]
+        b_pe = gl.load(cache + (o_rp + L)[:, None] + o_p[None, :], mask=m_pe, other=0.0).to(gl.float32)
         if HAS_KV_SCALE:
             b_pe = b_pe * gl.load(kv_scale)
         b_pe = b_pe.to(k_out.dtype.element_ty)
-        o_pe = o_t[:, None] * s_kt + (QK + o_p)[None, :]
+        o_pe = o_tp[:, None] * s_kt + (QK + o_p)[None, :]
         # QK, P and the strides are multiples of 8: 16-byte stores
         o_pe = gl.max_contiguous(gl.multiple_of(o_pe, [1, 8]), [1, 8])
         m_pe = gl.max_constancy(m_pe, [1, 8])
@@ -210,15 +236,28 @@ def _gather_kv_b_proj_sm90_kernel(
             it = i_q * n_k + i_k
             s = it % STAGES
             mbarrier.wait(ready.index(s), (it // STAGES) & 1)
-            # [BT, BN] += [BT, BK] x [BK, BN]
-            acc = warpgroup_mma(a_all[i_k], w_smem.index(s).permute((1, 0)), acc, use_acc=i_k > 0, is_async=True)
-            # the product of step it - 1 has retired in every warp: its stage takes step it + STAGES - 1
-            acc = warpgroup_mma_wait(1, deps=(acc,))
+            if W_SCALE_BLOCK:
+                # fp8 x fp8: the step's product [BT, BK] x [BK, BN] (BK = 128 columns, one scale
+                # block; the tile's BN = 128 rows, one scale row) times its block scale, added to
+                # the float32 accumulator; the product is waited for before the next is issued
+                b_p = warpgroup_mma(a_all[i_k], w_smem.index(s).permute((1, 0)), gl.zeros([BT, BN], gl.float32, MMA),
+                                    use_acc=False, is_async=True)
+                b_p = warpgroup_mma_wait(0, deps=(b_p,))
+                b_p = b_p * gl.load(w_scale + (i_g + i_q * N_GROUPS) * s_sn + i_k * s_sl)
+                # the tile's first step adds to zero, as the Triton kernel does (-0.0 becomes 0.0)
+                if i_k == 0:
+                    acc = gl.zeros([BT, BN], gl.float32, MMA)
+                acc = acc + b_p
+            else:
+                # [BT, BN] += [BT, BK] x [BK, BN]
+                acc = warpgroup_mma(a_all[i_k], w_smem.index(s).permute((1, 0)), acc, use_acc=i_k > 0, is_async=True)
+                # the product of step it - 1 has retired in every warp: its stage takes step it + STAGES - 1
+                acc = warpgroup_mma_wait(1, deps=(acc,))
             gl.thread_barrier()
             _issue_w(it + STAGES - 1, n_steps, n_k, i_g, N_GROUPS, w_desc, w_smem, ready, BN, BK, STAGES)
         acc = warpgroup_mma_wait(0, deps=(acc,))
         _store_tile(acc, (i_g + i_q * N_GROUPS) * BN, t0, full, dev_total, total, w_scale, kv_scale, k_desc, v_desc,
-                    k_out, o_smem, V_OFF, N, P, QK, VD, HD, s_kt, s_kh, s_vt, s_vh, BT, BN, BC, MMA, LD, W_SCALE_ROW,
+                    k_out, o_smem, V_OFF, N, P, QK, VD, HD, s_kt, s_kh, s_vt, s_vh, BT, BN, BC, MMA, LO, W_SCALE_ROW,
                     HAS_KV_SCALE)
     tma.store_wait(0)
     for i in gl.static_range(STAGES):
@@ -235,19 +274,27 @@ def _num_sms(device: torch.device) -> int:
 def supported(kv_cache: torch.Tensor, w: torch.Tensor, out_dtype: torch.dtype, w_scale_mode: int,
               qk_nope_head_dim: int, v_head_dim: int, P: int, total: int) -> bool:
     """Whether this kernel applies: an sm_90 GPU (wgmma), a bf16/fp16 cache and a weight of the same
-    type in the product, a 16-bit output, no per-step scale (w_scale_mode 0 none or 1 per row), head
+    type in the product, a 16-bit output, no per-step scale (w_scale_mode 0 none or 1 per row), or
+    fp8 x fp8 with block scales (w_scale_mode 2) and a bf16 output; head
     dims multiples of 64 and P of 8, L <= MAX_L, rows with 16-byte-aligned starts and a contiguous last dim
     (16-byte loads, TMA)."""
     if kv_cache.device.type != "cuda" or torch.cuda.get_device_capability(kv_cache.device) != (9, 0):
         return False
-    if kv_cache.dtype not in _GL or w.dtype != kv_cache.dtype or out_dtype not in _GL:
+    if kv_cache.dtype not in _GL or w.dtype != kv_cache.dtype:
         return False
-    if w_scale_mode not in (0, 1) or qk_nope_head_dim % BC or v_head_dim % BC or P % 8:
+    if kv_cache.dtype == FP8:
+        # fp8 x fp8 on fp8 tensor cores: 128x128 block scales, a bf16 output (see _dot_dtype)
+        if w_scale_mode != 2 or out_dtype != torch.bfloat16:
+            return False
+    elif w_scale_mode not in (0, 1) or out_dtype not in (torch.bfloat16, torch.float16):
         return False
-    if total + BT >= 2 ** 31 or kv_cache.shape[2] - P > MAX_L:
+    if qk_nope_head_dim % BC or v_head_dim % BC or P % 8:
         return False
-    return (kv_cache.stride(2) == 1 and kv_cache.stride(0) % 8 == 0 and kv_cache.stride(1) % 8 == 0
-            and kv_cache.data_ptr() % 16 == 0 and w.stride(1) == 1 and w.stride(0) % 8 == 0
+    if total + BT >= 2 ** 31 or kv_cache.shape[2] - P > MAX_L[kv_cache.dtype]:
+        return False
+    e = kv_cache.element_size()
+    return (kv_cache.stride(2) == 1 and kv_cache.stride(0) * e % 16 == 0 and kv_cache.stride(1) * e % 16 == 0
+            and kv_cache.data_ptr() % 16 == 0 and w.stride(1) == 1 and w.stride(0) * e % 16 == 0
             and w.data_ptr() % 16 == 0)
 
 
@@ -260,9 +307,11 @@ def _smem_layout(block_shape: tuple, dtype: torch.dtype):
 def launch(kv_cache, kv_indptr, kv_indices, cu_kv_lens, w, w_scale, kv_scale, k, v, n_k_el, *,
            total, H, L, P, QK, VD, w_scale_mode):
     """Launch on checked inputs (the caller's _check and supported()); k and v are the contiguous
-    views of one buffer that the Triton launcher allocates. w_scale: None or per row [N]."""
+    views of one buffer that the Triton launcher allocates. w_scale: None, per row [N], or (fp8 x fp8)
+    128x128 blocks."""
     N = w.shape[0]
     B = kv_indptr.shape[0] - 1
+    BK = 128 if w.dtype == FP8 else 64  # FP8: one scale block per step
     k2 = k.view(total, H * (QK + P))
     v2 = v.view(total, H * VD)
     o_layout = _smem_layout((BT, BC), k.dtype)
@@ -281,6 +330,7 @@ def launch(kv_cache, kv_indptr, kv_indices, cu_kv_lens, w, w_scale, kv_scale, k,
         kv_scale if kv_scale is not None else w, k_desc, v_desc, k, n_k_el,
         total, B, max(B - 1, 0).bit_length(), kv_cache.shape[1], L, P, QK, VD, QK + VD, N, n_out_tiles, n_groups, H,
         kv_cache.stride(0), kv_cache.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
+        *(w_scale.stride() if w_scale_mode == 2 else (0, 0)),
         BT=BT, BN=BN, BK=BK, BC=BC, BP=max(16, triton.next_power_of_2(max(P, 1))), STAGES=STAGES,
-        W_SCALE_ROW=w_scale_mode == 1, HAS_KV_SCALE=kv_scale is not None, HAS_PE=P > 0, num_warps=NUM_WARPS,
+        W_SCALE_ROW=w_scale_mode == 1, W_SCALE_BLOCK=w_scale_mode == 2, HAS_KV_SCALE=kv_scale is not None, HAS_PE=P > 0, num_warps=NUM_WARPS,
     )
