@@ -52,7 +52,8 @@ def bounds():
 
 # operand and output types that run on the sm_90 kernel: 16-bit operands of one type (a weight
 # prepared by weight_plan included: an fp8 weight dequantised from block scales beside bf16 with a
-# bf16 output, or converted beside a per-row or no scale) and a 16-bit output
+# bf16 output, or converted beside a per-row or no scale) and a 16-bit output; fp8 x fp8 with 128x128
+# block scales and a bf16 output (fp8 tensor cores)
 SM90_TYPES = st.one_of(
     st.builds(dict, cache_dtype=st.sampled_from(["bfloat16", "float16"]), w_dtype=st.just("same"),
               w_scale=st.sampled_from(["none", "row"]), out_dtype=st.sampled_from(["bfloat16", "float16"])),
@@ -60,6 +61,8 @@ SM90_TYPES = st.one_of(
               w_scale=st.just("block"), out_dtype=st.just("bfloat16")),
     st.builds(dict, cache_dtype=st.sampled_from(["bfloat16", "float16"]), w_dtype=st.just(kst.FP8_NAME),
               w_scale=st.sampled_from(["none", "row"]), out_dtype=st.sampled_from(["bfloat16", "float16"])),
+    st.builds(dict, cache_dtype=st.just(kst.FP8_NAME), w_dtype=st.just(kst.FP8_NAME), w_scale=st.just("block"),
+              out_dtype=st.just("bfloat16")),
 ).map(lambda t: {**t, "w_dtype": t["cache_dtype"] if t["w_dtype"] == "same" else t["w_dtype"]})
 
 
@@ -104,7 +107,8 @@ def cases(draw, *, min_seqs: int = 0, min_total: int = 0, w_scale=None, tight: b
     sequence is not empty. Shrinks towards no sequence, one head, small dims, bf16, no scales.
 
     On the GPU half the cases have the shapes the sm_90 kernel takes (kernels/gather_kv_b_proj_sm90:
-    qk_nope and v_head_dim multiples of 64, P and the paddings multiples of 8, L <= 512), so every
+    qk_nope and v_head_dim multiples of 64, P a multiple of 8 (16 with an fp8 cache), paddings of 16,
+    L <= 512), so every
     property runs on both kernels; `sm90=True` asks for such a case with operand and output types
     that select it too (test_sm90_matches_portable), `sm90=False` for any case."""
     b = bounds()
@@ -117,7 +121,8 @@ def cases(draw, *, min_seqs: int = 0, min_total: int = 0, w_scale=None, tight: b
         vd = 64 * draw(st.integers(1, max(1, b["max_dim"] // 64)))
         L = draw(ranks(tuple(r for r in b["ranks"] if r <= 512)))
         P = 8 * draw(st.integers(0, b["max_rope"] // 8))
-        pads = st.integers(0, b["max_pad"] // 8).map(lambda n: 8 * n)
+        # (16 elements: 16-byte rows for fp8 too)
+        pads = st.integers(0, b["max_pad"] // 16).map(lambda n: 16 * n)
     else:
         qk = draw(kst.head_dims(max_dim=b["max_dim"]))
         vd = draw(kst.head_dims(max_dim=b["max_dim"]))
@@ -137,6 +142,8 @@ def cases(draw, *, min_seqs: int = 0, min_total: int = 0, w_scale=None, tight: b
     extra_blocks = 0 if tight else draw(st.integers(0, b["max_extra_blocks"]))
     if sm90 is True:
         types = draw(SM90_TYPES)
+        if types["cache_dtype"] == kst.FP8_NAME:
+            P -= P % 16  # fp8 rows of L + P bytes start 16-byte aligned
     else:
         types = dict(cache_dtype=draw(st.sampled_from(CACHE_DTYPES)), w_dtype=draw(st.sampled_from(WEIGHT_DTYPES)),
                      w_scale=w_scale or draw(st.sampled_from(W_SCALES)))
