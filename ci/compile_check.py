@@ -163,8 +163,8 @@ def gather_cases(gather_kv_b_proj):
         lambda: sm90_case(P=8, L=64, qk=64, v=512, block_size=3)
     yield "sm_90 kernel: fp8 x fp8, block scales, kv_scale (fp8 tensor cores)", \
         lambda: sm90_case(dtype=fp8, block_scale=True, kv_scale=True)
-    yield "sm_90 kernel: fp8 x fp8, L=1024, qk=192 v=256, P=8", \
-        lambda: sm90_case(dtype=fp8, block_scale=True, L=1024, qk=192, v=256, P=8)
+    yield "sm_90 kernel: fp8 x fp8, L=256, qk=192 v=256, P=16", \
+        lambda: sm90_case(dtype=fp8, block_scale=True, L=256, qk=192, v=256, P=16)
 
 
 def kda_cases(kda):
