@@ -4,8 +4,8 @@ The same contract and the same products as kernels/gather_kv_b_proj.py (SPEC.md 
 the cases that carry prefill traffic: a bf16/fp16 cache beside a weight of the same type (as
 given, or prepared by weight_plan) with a 16-bit output and no per-step scale, or an fp8 cache
 beside an fp8 weight with 128x128 block scales and a bf16 output (fp8 tensor cores); L <= 512,
-head dims that are multiples of 64. The portable Triton kernel reloads each token tile's latent rows for every
-output tile and stores each tile from registers between two tiles' products. Here:
+head dims that are multiples of 64. The portable Triton kernel reloads each token tile's latent
+rows for every output tile and stores each tile from registers between two tiles' products. Here:
 
 - A program owns BT = 128 token rows (two warpgroups) and a group of output tiles of BN = 128
   weight rows. It gathers its latent rows [BT, L] once (through the block table, rows past the
@@ -14,8 +14,8 @@ output tile and stores each tile from registers between two tiles' products. Her
 - fp8 x fp8: each K step covers BK = 128 columns, one scale block (and the tile's 128 rows one
   scale row), so the step's product starts from zero, is waited for, and is added to the float32
   accumulator times its block scale, as the Triton kernel does.
-- Each K step of BK = 64 (16-bit): the weight tile [BN, BK] arrives by TMA into a ring of STAGES buffers
-  (an mbarrier each); the product is an asynchronous wgmma, and as soon as the previous product
+- Each K step (BK = 64 16-bit columns): the weight tile [BN, BK] arrives by TMA into a ring of
+  STAGES buffers (an mbarrier each); the product is an asynchronous wgmma, and as soon as the previous product
   has retired in every warp its buffer takes the step STAGES - 1 ahead. The step sequence runs
   across the program's output tiles without a break. 8 stages: the weight copies from L2 need
   that much lead (H100, DeepSeek-V3 dims: 0.166-0.193 ms with 4 stages, 0.146-0.148 with 6, 0.138-0.139 with 8,
@@ -45,7 +45,8 @@ from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
 BT, BN, BC, STAGES, NUM_WARPS = 128, 128, 64, 8, 8
 FP8 = torch.float8_e4m3fn
-# the latent rows of a token tile live in registers: L bytes / 4 per thread (128 registers at most)
+# a token tile's latent rows: in registers for 16-bit rows (L / 4 per thread), in shared memory for
+# fp8 rows (128 L bytes)
 MAX_L = {torch.bfloat16: 512, torch.float16: 512, FP8: 512}
 _GL = {torch.bfloat16: gl.bfloat16, torch.float16: gl.float16, FP8: gl.float8e4nv}
 
@@ -129,7 +130,6 @@ def _gather_kv_b_proj_sm90_kernel(
     HAS_PE: gl.constexpr,
     num_warps: gl.constexpr,
 ):
-    # [BT, BK] copies: 8 contiguous elements (16 bytes) per thread
     dtype: gl.constexpr = cache.dtype.element_ty
     # [BT, BK] latent loads: 16 contiguous bytes per thread (BK = 64 16-bit or 128 fp8 elements)
     VEC: gl.constexpr = 128 // dtype.primitive_bitwidth
@@ -171,8 +171,8 @@ def _gather_kv_b_proj_sm90_kernel(
     # the strides are multiples of 16 bytes (supported()): 16-byte loads
     o_row = gl.multiple_of(o_row, [VEC])
 
-    # ---- the token tile's latent rows [BT, L], gathered once and kept in registers as the
-    # products' A operand (n_k pieces of [BT, BK]); only the weight streams through shared memory
+    # ---- the token tile's latent rows [BT, L], gathered once and kept as the products' A operand
+    # (n_k pieces of [BT, BK]); only the weight streams
     n_k: gl.constexpr = (L + BK - 1) // BK
     A_L: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=MMA, k_width=32 // dtype.primitive_bitwidth)
     o_kb = gl.arange(0, BK, layout=gl.SliceLayout(0, LD))
