@@ -15,11 +15,11 @@ rows for every output tile and stores each tile from registers between two tiles
   scale row), so the step's product starts from zero, is waited for, and is added to the float32
   accumulator times its block scale, as the Triton kernel does.
 - Each K step (BK = 64 16-bit columns): the weight tile [BN, BK] arrives by TMA into a ring of
-  STAGES buffers (an mbarrier each); the product is an asynchronous wgmma, and as soon as the previous product
-  has retired in every warp its buffer takes the step STAGES - 1 ahead. The step sequence runs
-  across the program's output tiles without a break. 8 stages: the weight copies from L2 need
-  that much lead (H100, DeepSeek-V3 dims: 0.166-0.193 ms with 4 stages, 0.146-0.148 with 6, 0.138-0.139 with 8,
-  0.140-0.143 with 12).
+  STAGES buffers (an mbarrier each); the product is an asynchronous wgmma, and as soon as the
+  previous product has retired in every warp its buffer takes the step STAGES - 1 ahead. The step
+  sequence runs across the program's output tiles without a break. 8 stages: the weight copies
+  from L2 need that much lead (H100, DeepSeek-V3 dims: 0.166-0.193 ms with 4 stages, 0.146-0.148
+  with 6, 0.138-0.140 with 8, 0.140-0.143 with 12).
 - The epilogue scales the float32 tile, rounds it once to the output type, writes it into shared
   memory as two 64-column pieces and hands each to a TMA store (each piece lies in one segment
   of one head: qk_nope and v_head_dim are multiples of 64), which runs while the next tile's
