@@ -119,6 +119,9 @@ def _store_tile(acc, n0, t0, full, dev_total, total, w_scale, kv_scale, k_desc, 
     gl.thread_barrier()
 
 
+# L is a constexpr (unlike the Triton kernel's run-time L): the latent rows are held as a tuple of
+# cdiv(L, BK) static pieces, so each L compiles once (a fuzzer drawing L pays one compile per value;
+# a power-of-two count of pieces with a run-time guard would bound that, not yet measured on a GPU)
 @gluon.jit(do_not_specialize=["total", "B", "n_search", "block_size", "P", "QK", "VD", "HD", "N",
                                "N_OUT_TILES", "N_GROUPS", "H", "V_OFF"])
 def _gather_kv_b_proj_sm90_kernel(
