@@ -7,24 +7,31 @@ beside an fp8 weight with 128x128 block scales and a bf16 output (fp8 tensor cor
 head dims that are multiples of 64. The portable Triton kernel reloads each token tile's latent
 rows for every output tile and stores each tile from registers between two tiles' products. Here:
 
-- A program owns BT = 128 token rows (two warpgroups) and a group of output tiles of BN = 128
-  weight rows. It gathers its latent rows [BT, L] once (through the block table, rows past the
-  tokens and columns past L zero) and keeps them as the A operand of every product: in registers
-  for 16-bit rows (L / 4 per thread), in shared memory for fp8 rows. Only the weight streams.
+- A program owns BT = 128 token rows and a group of output tiles of BN = 128 weight rows. It is
+  warp-specialized: two consumer warpgroups own BM = 64 of the rows each, and one producer warp
+  streams the weight.
+- A consumer gathers its latent rows [BM, L] once (through the block table, rows past the tokens
+  and columns past L zero) and keeps them as the A operand of every product: in registers for
+  16-bit rows (L / 4 per thread), in shared memory for fp8 rows. It then runs through the
+  program's output tiles on its own: products, epilogue, next tile. The two consumers meet only
+  at the weight ring, so one's epilogue runs while the other's products do (H100, DeepSeek-V3
+  dims, bf16: 0.135-0.137 ms against 0.145-0.146 for one 8-warp partition whose two warpgroups
+  waited for each other at every K step; fp8 x fp8: 0.095 against 0.115).
+- The producer copies each K step's weight tile [BN, BK] by TMA into a ring of STAGES buffers. A
+  buffer has two mbarriers: `ready` (the copy has landed) and `empty` (both consumers' products
+  that read it have retired; each consumer arrives once per step). The step sequence runs across
+  the output tiles without a break. 10 stages for 16-bit weights (BK = 64 columns, 16 KB each:
+  0.134 ms against 0.136 with 8 and 0.135 with 11); 8 for fp8 (BK = 128 columns), where the
+  rows take 64 KB of the shared memory.
 - fp8 x fp8: each K step covers BK = 128 columns, one scale block (and the tile's 128 rows one
-  scale row), so the step's product starts from zero, is waited for, and is added to the float32
-  accumulator times its block scale, as the Triton kernel does.
-- Each K step (BK = 64 16-bit columns): the weight tile [BN, BK] arrives by TMA into a ring of
-  STAGES buffers (an mbarrier each); the product is an asynchronous wgmma, and as soon as the
-  previous product has retired in every warp its buffer takes the step STAGES - 1 ahead. The step
-  sequence runs across the program's output tiles without a break. 8 stages: the weight copies
-  from L2 need that much lead (H100, DeepSeek-V3 dims: 0.166-0.193 ms with 4 stages, 0.146-0.148
-  with 6, 0.138-0.140 with 8, 0.140-0.143 with 12).
-- The epilogue scales the float32 tile, rounds it once to the output type, writes it into shared
-  memory as two 64-column pieces and hands each to a TMA store (each piece lies in one segment
-  of one head: qk_nope and v_head_dim are multiples of 64), which runs while the next tile's
-  products do. A tile that reaches past the last valid row (cu_kv_lens[-1] or `total`) is
-  stored from shared memory by masked 16-byte stores instead.
+  scale row), so the step's product starts from zero and is added to the float32 accumulator
+  times its block scale, as the Triton kernel does; step i's product is added while step i + 1's
+  runs (0.095 / 0.141 ms against 0.098 / 0.161 when each product was waited for at once).
+- The epilogue scales the float32 tile, rounds it once to the output type, writes it into the
+  consumer's shared memory as two 64-column pieces and hands each to a TMA store (each piece lies
+  in one segment of one head: qk_nope and v_head_dim are multiples of 64), which runs while the
+  next tile's products do. Rows that reach past the last valid one (cu_kv_lens[-1] or `total`)
+  are stored from shared memory by masked 16-byte stores instead.
 - The rope part is stored per head from registers at the start, while the first weight copies
   are in flight: kv_scale * pe in float32, rounded once, as the Triton kernel writes it.
 
@@ -43,8 +50,15 @@ from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared
                                                               warpgroup_mma, warpgroup_mma_wait)
 from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
-BT, BN, BC, STAGES, NUM_WARPS = 128, 128, 64, 8, 8
 FP8 = torch.float8_e4m3fn
+# NUM_WARPS: the default partition, one consumer warpgroup; a second consumer and the producer warp
+# are worker partitions
+BT, BN, BC, NUM_WARPS = 128, 128, 64, 4
+STAGES = {torch.bfloat16: 10, torch.float16: 10, FP8: 8}
+# registers are assigned per warpgroup: three of them (the producer's warp rounds up to one), 168 x
+# 384 = 64512 of the 65536 at launch, then 24 for the producer's and 240 for each consumer's
+# (fp8: 28-36 bytes of spills with 232 / 248)
+CONSUMER_REGS, PRODUCER_REGS, MAXNREG = 240, 24, 168
 # a token tile's latent rows: in registers for 16-bit rows (L / 4 per thread), in shared memory for
 # fp8 rows (128 L bytes)
 MAX_L = {torch.bfloat16: 512, torch.float16: 512, FP8: 512}
@@ -52,23 +66,34 @@ _GL = {torch.bfloat16: gl.bfloat16, torch.float16: gl.float16, FP8: gl.float8e4n
 
 
 @gluon.jit
-def _issue_w(j, n_steps, n_k: gl.constexpr, i_g, N_GROUPS, w_desc, w_smem, ready, BN: gl.constexpr,
-             BK: gl.constexpr, STAGES: gl.constexpr):
-    """Start the weight copy of step j (if it exists) into stage j % STAGES."""
-    if j < n_steps:
+def _producer(ptrs, sizes, strides, descs, bufs, i_w: gl.constexpr, L: gl.constexpr, BM: gl.constexpr,
+              BN: gl.constexpr, BK: gl.constexpr, BC: gl.constexpr, BP: gl.constexpr, STAGES: gl.constexpr,
+              W_SCALE_ROW: gl.constexpr, W_SCALE_BLOCK: gl.constexpr, HAS_KV_SCALE: gl.constexpr,
+              HAS_PE: gl.constexpr):
+    """One warp: stream the program's weight tiles [BN, BK] through the ring of STAGES buffers; a
+    buffer is refilled once both consumers have released it. (The worker partitions share one
+    signature, so this one takes the consumers' arguments.)"""
+    total, B, n_search, block_size, P, QK, VD, HD, N, N_OUT_TILES, N_GROUPS, H, V_OFF = sizes
+    w_desc, k_desc, v_desc = descs
+    w_smem, o_smem, a_smem, ready, empty = bufs
+    n_k: gl.constexpr = (L + BK - 1) // BK
+    i_g = gl.program_id(0) % N_GROUPS
+    n_steps = gl.cdiv(N_OUT_TILES - i_g, N_GROUPS) * n_k
+    for j in range(n_steps):
         s = j % STAGES
-        bar = ready.index(s)
-        mbarrier.expect(bar, w_desc.block_type.nbytes)
+        # a fresh barrier counts as released in its first round
+        mbarrier.wait(empty.index(s), ((j // STAGES) & 1) ^ 1)
+        mbarrier.expect(ready.index(s), w_desc.block_type.nbytes)
         tma.async_copy_global_to_shared(w_desc, [(i_g + (j // n_k) * N_GROUPS) * BN, (j % n_k) * BK],
-                                        bar, w_smem.index(s))
+                                        ready.index(s), w_smem.index(s))
 
 
 @gluon.jit
 def _store_tile(acc, n0, t0, full, dev_total, total, w_scale, kv_scale, k_desc, v_desc, k_out, o_smem, V_OFF,
                 N, P, QK, VD, HD, s_kt, s_kh, s_vt, s_vh,
-                BT: gl.constexpr, BN: gl.constexpr, BC: gl.constexpr, MMA: gl.constexpr, LD: gl.constexpr,
+                BM: gl.constexpr, BN: gl.constexpr, BC: gl.constexpr, MMA: gl.constexpr, LD: gl.constexpr,
                 W_SCALE_ROW: gl.constexpr, HAS_KV_SCALE: gl.constexpr):
-    """Scale the [BT, BN] float32 tile of weight rows n0.. (output columns), round it once to the
+    """Scale the [BM, BN] float32 tile of weight rows n0.. (output columns), round it once to the
     output type and store each column to k or v."""
     LN: gl.constexpr = gl.SliceLayout(0, MMA)
     # [BN] output columns = weight rows
@@ -82,9 +107,9 @@ def _store_tile(acc, n0, t0, full, dev_total, total, w_scale, kv_scale, k_desc, 
     # the previous tile's pieces have left shared memory
     tma.store_wait(0)
     gl.static_assert(BN == 2 * BC, "a tile is two 64-column pieces")
-    b_0, b_1 = b_o.reshape([BT, 2, BC]).permute(0, 2, 1).split()
-    o_smem.index(0).store(b_0)
-    o_smem.index(1).store(b_1)
+    b_0, b_1 = b_o.reshape([BM, 2, BC]).permute(0, 2, 1).split()
+    o_smem[0].store(b_0)
+    o_smem[1].store(b_1)
     fence_async_shared()
     gl.thread_barrier()
     for i_c in gl.static_range(BN // BC):
@@ -95,15 +120,15 @@ def _store_tile(acc, n0, t0, full, dev_total, total, w_scale, kv_scale, k_desc, 
             i_r = c - i_h * HD
             if full:
                 if i_r < QK:
-                    tma.async_copy_shared_to_global(k_desc, [t0, i_h * (QK + P) + i_r], o_smem.index(i_c))
+                    tma.async_copy_shared_to_global(k_desc, [t0, i_h * (QK + P) + i_r], o_smem[i_c])
                 else:
-                    tma.async_copy_shared_to_global(v_desc, [t0, i_h * VD + (i_r - QK)], o_smem.index(i_c))
+                    tma.async_copy_shared_to_global(v_desc, [t0, i_h * VD + (i_r - QK)], o_smem[i_c])
             else:
                 # the tile reaches past the last valid row: masked 16-byte stores from registers
-                # [BT, BC]
-                b_c = o_smem.index(i_c).load(LD)
-                # [BT]
-                o_t = t0 + gl.arange(0, BT, layout=gl.SliceLayout(1, LD)).to(gl.int64)
+                # [BM, BC]
+                b_c = o_smem[i_c].load(LD)
+                # [BM]
+                o_t = t0 + gl.arange(0, BM, layout=gl.SliceLayout(1, LD)).to(gl.int64)
                 m_t = (o_t < total) & (o_t < dev_total)
                 o_cc = gl.arange(0, BC, layout=gl.SliceLayout(0, LD))
                 # (qk, v, P multiples of 8: so are the strides and V_OFF, and the stores 16 bytes wide)
@@ -115,46 +140,44 @@ def _store_tile(acc, n0, t0, full, dev_total, total, w_scale, kv_scale, k_desc, 
                     o_o = o_t[:, None] * s_vt + (V_OFF + i_h.to(gl.int64) * s_vh + (i_r - QK) + o_cc)[None, :]
                     o_o = gl.max_contiguous(gl.multiple_of(o_o, [1, 8]), [1, 8])
                     gl.store(k_out + o_o, b_c, mask=m_t[:, None])
-            # every thread has read the pieces before the next tile overwrites them
+    # every thread has read the pieces before the next tile overwrites them
     gl.thread_barrier()
 
 
-# L is a constexpr (unlike the Triton kernel's run-time L): the latent rows are held as a tuple of
-# cdiv(L, BK) static pieces, so each L compiles once (a fuzzer drawing L pays one compile per value;
-# a power-of-two count of pieces with a run-time guard would bound that, not yet measured on a GPU)
-@gluon.jit(do_not_specialize=["total", "B", "n_search", "block_size", "P", "QK", "VD", "HD", "N",
-                               "N_OUT_TILES", "N_GROUPS", "H", "V_OFF"])
-def _gather_kv_b_proj_sm90_kernel(
-    cache, kv_indptr, kv_indices, cu_kv_lens, w_desc, w_scale, kv_scale, k_desc, v_desc, k_out, V_OFF,
-    total, B, n_search, block_size, L: gl.constexpr, P, QK, VD, HD, N, N_OUT_TILES, N_GROUPS, H,
-    s_cb, s_cs, s_kt, s_kh, s_vt, s_vh, s_sn, s_sl,
-    BT: gl.constexpr, BN: gl.constexpr, BK: gl.constexpr, BC: gl.constexpr, BP: gl.constexpr,
-    STAGES: gl.constexpr, W_SCALE_ROW: gl.constexpr, W_SCALE_BLOCK: gl.constexpr, HAS_KV_SCALE: gl.constexpr,
-    HAS_PE: gl.constexpr,
-    num_warps: gl.constexpr,
-):
+@gluon.jit
+def _consumer(ptrs, sizes, strides, descs, bufs, i_w: gl.constexpr, L: gl.constexpr, BM: gl.constexpr,
+              BN: gl.constexpr, BK: gl.constexpr, BC: gl.constexpr, BP: gl.constexpr, STAGES: gl.constexpr,
+              W_SCALE_ROW: gl.constexpr, W_SCALE_BLOCK: gl.constexpr, HAS_KV_SCALE: gl.constexpr,
+              HAS_PE: gl.constexpr):
+    """One warpgroup: token rows i_w * BM.. of the program's tile, through all its output tiles."""
+    cache, kv_indptr, kv_indices, cu_kv_lens, w_scale, kv_scale, k_out = ptrs
+    total, B, n_search, block_size, P, QK, VD, HD, N, N_OUT_TILES, N_GROUPS, H, V_OFF = sizes
+    s_cb, s_cs, s_kt, s_kh, s_vt, s_vh, s_sn, s_sl = strides
+    w_desc, k_desc, v_desc = descs
+    w_smem, o_smem_all, a_smem_all, ready, empty = bufs
+    o_smem = (o_smem_all.index(2 * i_w), o_smem_all.index(2 * i_w + 1))
+    NW: gl.constexpr = gl.num_warps()
     dtype: gl.constexpr = cache.dtype.element_ty
-    # [BT, BK] latent loads: 16 contiguous bytes per thread (BK = 64 16-bit or 128 fp8 elements)
+    # [BM, BK] latent loads: 16 contiguous bytes per thread (BK = 64 16-bit or 128 fp8 elements)
     VEC: gl.constexpr = 128 // dtype.primitive_bitwidth
-    LD: gl.constexpr = gl.BlockedLayout([1, VEC], [4, 8], [num_warps, 1], [1, 0])
-    # [BT, 64] 16-bit output pieces and the rope part: 8 elements (16 bytes) per thread
-    LO: gl.constexpr = gl.BlockedLayout([1, 8], [4, 8], [num_warps, 1], [1, 0])
+    LD: gl.constexpr = gl.BlockedLayout([1, VEC], [4, 8], [NW, 1], [1, 0])
+    # [BM, 64] 16-bit output pieces and the rope part: 8 elements (16 bytes) per thread
+    LO: gl.constexpr = gl.BlockedLayout([1, 8], [4, 8], [NW, 1], [1, 0])
     LR: gl.constexpr = gl.SliceLayout(1, LD)
-    MMA: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1],
+    MMA: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[NW, 1],
                                                   instr_shape=[16, BN, 256 // dtype.primitive_bitwidth])
 
-    # program -> (token tile, output tiles i_g, i_g + N_GROUPS, ...)
+    # program -> (token tile, output tiles i_g, i_g + N_GROUPS, ...); this warpgroup's rows
     i_p = gl.program_id(0)
-    i_t = i_p // N_GROUPS
     i_g = i_p % N_GROUPS
-    t0 = i_t * BT
+    t0 = (i_p // N_GROUPS) * (2 * BM) + i_w * BM
 
     # ---- rows: token -> sequence (binary search) -> block, slot
-    # [BT]
-    o_t = t0.to(gl.int64) + gl.arange(0, BT, layout=LR).to(gl.int64)
+    # [BM]
+    o_t = t0.to(gl.int64) + gl.arange(0, BM, layout=LR).to(gl.int64)
     dev_total = gl.load(cu_kv_lens + B).to(gl.int64)
     m_t = (o_t < total) & (o_t < dev_total)
-    b_lo = gl.zeros([BT], gl.int64, LR)
+    b_lo = gl.zeros([BM], gl.int64, LR)
     b_hi = b_lo + (B - 1)
     for _ in range(n_search):
         b_mid = (b_lo + b_hi + 1) // 2
@@ -169,56 +192,40 @@ def _gather_kv_b_proj_sm90_kernel(
     b_first = gl.load(kv_indptr + b_lo, mask=m_row, other=0).to(gl.int64)
     b_blk = gl.load(kv_indices + b_first + o_j // block_size, mask=m_row, other=0).to(gl.int64)
     b_blk = gl.where(m_row, b_blk, 0)
-    # [BT] offset of each row's latent vector in the cache (its last dim is contiguous)
+    # [BM] offset of each row's latent vector in the cache (its last dim is contiguous)
     o_row = b_blk * s_cb + (o_j % block_size) * s_cs
     # the strides are multiples of 16 bytes (supported()): 16-byte loads
     o_row = gl.multiple_of(o_row, [VEC])
 
-    # ---- the token tile's latent rows [BT, L], gathered once and kept as the products' A operand
-    # (n_k pieces of [BT, BK]); only the weight streams
+    # ---- the rows' latent vectors [BM, L], gathered once and kept as the products' A operand
+    # (n_k pieces of [BM, BK]); only the weight streams
     n_k: gl.constexpr = (L + BK - 1) // BK
     A_L: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=MMA, k_width=32 // dtype.primitive_bitwidth)
     o_kb = gl.arange(0, BK, layout=gl.SliceLayout(0, LD))
-    # fp8 rows stay in shared memory (64 KB at L = 512; the step's product and the accumulator
-    # need the registers: H100, DeepSeek-V3 dims, 0.116 ms against 0.125 from registers)
     A_SMEM: gl.constexpr = dtype.primitive_bitwidth == 8
     a_all = ()
-    if A_SMEM:
-        a_smem = gl.allocate_shared_memory(dtype, [n_k, BT, BK], gl.NVMMASharedLayout.get_default_for([BT, BK], dtype))
     for i_k in gl.static_range(n_k):
         # [BK]
         o_k = i_k * BK + o_kb
-        # [BT, BK]; rows past the tokens and columns past L are zero
+        # [BM, BK]; rows past the tokens and columns past L are zero
         b_a = gl.load(cache + o_row[:, None] + o_k[None, :], mask=m_row[:, None] & (o_k < L)[None, :], other=0.0)
         if A_SMEM:
-            a_smem.index(i_k).store(b_a)
-            a_all = a_all + (a_smem.index(i_k),)
+            a_smem_all.index(i_w * n_k + i_k).store(b_a)
+            a_all = a_all + (a_smem_all.index(i_w * n_k + i_k),)
         else:
             a_all = a_all + (gl.convert_layout(b_a, A_L),)
     if A_SMEM:
         fence_async_shared()
         gl.thread_barrier()
 
-    # ---- shared memory: STAGES weight tiles [BN, BK], two output pieces [BT, BC]
-    w_smem = gl.allocate_shared_memory(dtype, [STAGES, BN, BK], w_desc.layout)
-    o_smem = gl.allocate_shared_memory(k_desc.dtype, [BN // BC, BT, BC], k_desc.layout)
-    ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-    for i in gl.static_range(STAGES):
-        mbarrier.init(ready.index(i), count=1)
-
-    n_mine = gl.cdiv(N_OUT_TILES - i_g, N_GROUPS)
-    n_steps = n_mine * n_k
-    for j in gl.static_range(STAGES - 1):
-        _issue_w(j, n_steps, n_k, i_g, N_GROUPS, w_desc, w_smem, ready, BN, BK, STAGES)
-
     if HAS_PE:
         # the rope part of heads i_g, i_g + N_GROUPS, ...: kv_scale * pe in float32, rounded once
         # [BP]
         o_p = gl.arange(0, BP, layout=gl.SliceLayout(0, LO))
-        # [BT, BP]
-        # [BT] in the output layout
+        # [BM] in the output layout
         o_tp = gl.convert_layout(o_t, gl.SliceLayout(1, LO))
         o_rp = gl.convert_layout(o_row, gl.SliceLayout(1, LO))
+        # [BM, BP]
         m_pe = gl.convert_layout(m_row, gl.SliceLayout(1, LO))[:, None] & (o_p < P)[None, :]
         b_pe = gl.load(cache + (o_rp + L)[:, None] + o_p[None, :], mask=m_pe, other=0.0).to(gl.float32)
         if HAS_KV_SCALE:
@@ -231,40 +238,99 @@ def _gather_kv_b_proj_sm90_kernel(
         for i_h in range(i_g, H, N_GROUPS):
             gl.store(k_out + i_h * s_kh + o_pe, b_pe, mask=m_pe)
 
-    # the tile's rows all exist: its pieces go out by TMA
-    full = (t0 + BT <= dev_total) & (t0 + BT <= total)
-    acc = gl.zeros([BT, BN], gl.float32, MMA)
+    # the rows all exist: the tile's pieces go out by TMA
+    full = (t0 + BM <= dev_total) & (t0 + BM <= total)
+    n_mine = gl.cdiv(N_OUT_TILES - i_g, N_GROUPS)
+    acc = gl.zeros([BM, BN], gl.float32, MMA)
     for i_q in range(n_mine):
-        for i_k in gl.static_range(n_k):
-            it = i_q * n_k + i_k
-            s = it % STAGES
-            mbarrier.wait(ready.index(s), (it // STAGES) & 1)
-            if W_SCALE_BLOCK:
-                # fp8 x fp8: the step's product [BT, BK] x [BK, BN] (BK = 128 columns, one scale
-                # block; the tile's BN = 128 rows, one scale row) times its block scale, added to
-                # the float32 accumulator; the product is waited for before the next is issued
-                b_p = warpgroup_mma(a_all[i_k], w_smem.index(s).permute((1, 0)), gl.zeros([BT, BN], gl.float32, MMA),
+        if W_SCALE_BLOCK:
+            # fp8 x fp8: each step's product [BM, BK] x [BK, BN] (BK = 128 columns, one scale block;
+            # the tile's BN = 128 rows, one scale row) starts from zero and is added to the float32
+            # accumulator times its block scale; step i_k's product is added while step i_k + 1's runs
+            b_s = gl.load(w_scale + (i_g + i_q * N_GROUPS) * s_sn)
+            for i_k in gl.static_range(n_k):
+                it = i_q * n_k + i_k
+                s = it % STAGES
+                mbarrier.wait(ready.index(s), (it // STAGES) & 1)
+                b_p = warpgroup_mma(a_all[i_k], w_smem.index(s).permute((1, 0)), gl.zeros([BM, BN], gl.float32, MMA),
                                     use_acc=False, is_async=True)
-                b_p = warpgroup_mma_wait(0, deps=(b_p,))
-                b_p = b_p * gl.load(w_scale + (i_g + i_q * N_GROUPS) * s_sn + i_k * s_sl)
-                # the tile's first step adds to zero, as the Triton kernel does (-0.0 becomes 0.0)
-                if i_k == 0:
-                    acc = gl.zeros([BT, BN], gl.float32, MMA)
-                acc = acc + b_p
-            else:
-                # [BT, BN] += [BT, BK] x [BK, BN]
+                if i_k > 0:
+                    b_q = warpgroup_mma_wait(1, deps=(b_q,))
+                    mbarrier.arrive(empty.index((it + STAGES - 1) % STAGES))
+                    # the tile's first step adds to zero, as the Triton kernel does (-0.0 becomes 0.0)
+                    if i_k == 1:
+                        acc = gl.zeros([BM, BN], gl.float32, MMA)
+                    acc = acc + b_q * b_s
+                    b_s = gl.load(w_scale + (i_g + i_q * N_GROUPS) * s_sn + i_k * s_sl)
+                b_q = b_p
+            b_q = warpgroup_mma_wait(0, deps=(b_q,))
+            mbarrier.arrive(empty.index((i_q * n_k + n_k - 1) % STAGES))
+            if n_k == 1:
+                acc = gl.zeros([BM, BN], gl.float32, MMA)
+            acc = acc + b_q * b_s
+        else:
+            for i_k in gl.static_range(n_k):
+                it = i_q * n_k + i_k
+                s = it % STAGES
+                mbarrier.wait(ready.index(s), (it // STAGES) & 1)
+                # [BM, BN] += [BM, BK] x [BK, BN]
                 acc = warpgroup_mma(a_all[i_k], w_smem.index(s).permute((1, 0)), acc, use_acc=i_k > 0, is_async=True)
-                # the product of step it - 1 has retired in every warp: its stage takes step it + STAGES - 1
+                # the product of step it - 1 has retired: its buffer goes back to the producer
                 acc = warpgroup_mma_wait(1, deps=(acc,))
-            gl.thread_barrier()
-            _issue_w(it + STAGES - 1, n_steps, n_k, i_g, N_GROUPS, w_desc, w_smem, ready, BN, BK, STAGES)
-        acc = warpgroup_mma_wait(0, deps=(acc,))
+                if i_k > 0:
+                    mbarrier.arrive(empty.index((it + STAGES - 1) % STAGES))
+            acc = warpgroup_mma_wait(0, deps=(acc,))
+            mbarrier.arrive(empty.index((i_q * n_k + n_k - 1) % STAGES))
         _store_tile(acc, (i_g + i_q * N_GROUPS) * BN, t0, full, dev_total, total, w_scale, kv_scale, k_desc, v_desc,
-                    k_out, o_smem, V_OFF, N, P, QK, VD, HD, s_kt, s_kh, s_vt, s_vh, BT, BN, BC, MMA, LO, W_SCALE_ROW,
+                    k_out, o_smem, V_OFF, N, P, QK, VD, HD, s_kt, s_kh, s_vt, s_vh, BM, BN, BC, MMA, LO, W_SCALE_ROW,
                     HAS_KV_SCALE)
     tma.store_wait(0)
+
+
+# L is a constexpr (unlike the Triton kernel's run-time L): the latent rows are held as a tuple of
+# cdiv(L, BK) static pieces, so each L compiles once (a fuzzer drawing L pays one compile per value;
+# a power-of-two count of pieces with a run-time guard would bound that, not yet measured on a GPU)
+@gluon.jit(do_not_specialize=["total", "B", "n_search", "block_size", "P", "QK", "VD", "HD", "N",
+                               "N_OUT_TILES", "N_GROUPS", "H", "V_OFF"])
+def _gather_kv_b_proj_sm90_kernel(
+    cache, kv_indptr, kv_indices, cu_kv_lens, w_desc, w_scale, kv_scale, k_desc, v_desc, k_out, V_OFF,
+    total, B, n_search, block_size, L: gl.constexpr, P, QK, VD, HD, N, N_OUT_TILES, N_GROUPS, H,
+    s_cb, s_cs, s_kt, s_kh, s_vt, s_vh, s_sn, s_sl,
+    BT: gl.constexpr, BN: gl.constexpr, BK: gl.constexpr, BC: gl.constexpr, BP: gl.constexpr,
+    STAGES: gl.constexpr, W_SCALE_ROW: gl.constexpr, W_SCALE_BLOCK: gl.constexpr, HAS_KV_SCALE: gl.constexpr,
+    HAS_PE: gl.constexpr, CONSUMER_REGS: gl.constexpr, PRODUCER_REGS: gl.constexpr,
+    num_warps: gl.constexpr,
+):
+    dtype: gl.constexpr = cache.dtype.element_ty
+    BM: gl.constexpr = BT // 2
+    n_k: gl.constexpr = (L + BK - 1) // BK
+    # ---- shared memory: STAGES weight tiles [BN, BK]; per consumer two output pieces [BM, BC] and
+    # (fp8) its latent rows [n_k, BM, BK]
+    w_smem = gl.allocate_shared_memory(dtype, [STAGES, BN, BK], w_desc.layout)
+    o_smem = gl.allocate_shared_memory(k_desc.dtype, [2 * (BN // BC), BM, BC], k_desc.layout)
+    if dtype.primitive_bitwidth == 8:
+        a_smem = gl.allocate_shared_memory(dtype, [2 * n_k, BM, BK], gl.NVMMASharedLayout.get_default_for([BM, BK], dtype))
+    else:
+        a_smem = w_smem
+    ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
     for i in gl.static_range(STAGES):
-        mbarrier.invalidate(ready.index(i))
+        mbarrier.init(ready.index(i), count=1)
+        mbarrier.init(empty.index(i), count=2)
+
+    ptrs = (cache, kv_indptr, kv_indices, cu_kv_lens, w_scale, kv_scale, k_out)
+    sizes = (total, B, n_search, block_size, P, QK, VD, HD, N, N_OUT_TILES, N_GROUPS, H, V_OFF)
+    strides = (s_cb, s_cs, s_kt, s_kh, s_vt, s_vh, s_sn, s_sl)
+    descs = (w_desc, k_desc, v_desc)
+    bufs = (w_smem, o_smem, a_smem, ready, empty)
+    gl.warp_specialize([
+        (_consumer, (ptrs, sizes, strides, descs, bufs, 0, L, BM, BN, BK, BC, BP, STAGES, W_SCALE_ROW,
+                     W_SCALE_BLOCK, HAS_KV_SCALE, HAS_PE)),
+        (_consumer, (ptrs, sizes, strides, descs, bufs, 1, L, BM, BN, BK, BC, BP, STAGES, W_SCALE_ROW,
+                     W_SCALE_BLOCK, HAS_KV_SCALE, HAS_PE)),
+        (_producer, (ptrs, sizes, strides, descs, bufs, 1, L, BM, BN, BK, BC, BP, STAGES, W_SCALE_ROW,
+                     W_SCALE_BLOCK, HAS_KV_SCALE, HAS_PE)),
+    ], [4, 1], [CONSUMER_REGS, PRODUCER_REGS])
 
 
 @functools.lru_cache(maxsize=None)
@@ -317,9 +383,9 @@ def launch(kv_cache, kv_indptr, kv_indices, cu_kv_lens, w, w_scale, kv_scale, k,
     BK = 128 if w.dtype == FP8 else 64  # FP8: one scale block per step
     k2 = k.view(total, H * (QK + P))
     v2 = v.view(total, H * VD)
-    o_layout = _smem_layout((BT, BC), k.dtype)
-    k_desc = TensorDescriptor(k2, list(k2.shape), list(k2.stride()), [BT, BC], o_layout)
-    v_desc = TensorDescriptor(v2, list(v2.shape), list(v2.stride()), [BT, BC], o_layout)
+    o_layout = _smem_layout((BT // 2, BC), k.dtype)
+    k_desc = TensorDescriptor(k2, list(k2.shape), list(k2.stride()), [BT // 2, BC], o_layout)
+    v_desc = TensorDescriptor(v2, list(v2.shape), list(v2.stride()), [BT // 2, BC], o_layout)
     w_desc = TensorDescriptor(w, [N, L], [w.stride(0), 1], [BN, BK], _smem_layout((BN, BK), w.dtype))
     n_out_tiles = triton.cdiv(N, BN)
     n_token_tiles = triton.cdiv(total, BT)
@@ -334,6 +400,7 @@ def launch(kv_cache, kv_indptr, kv_indices, cu_kv_lens, w, w_scale, kv_scale, k,
         total, B, max(B - 1, 0).bit_length(), kv_cache.shape[1], L, P, QK, VD, QK + VD, N, n_out_tiles, n_groups, H,
         kv_cache.stride(0), kv_cache.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
         *(w_scale.stride() if w_scale_mode == 2 else (0, 0)),
-        BT=BT, BN=BN, BK=BK, BC=BC, BP=max(16, triton.next_power_of_2(max(P, 1))), STAGES=STAGES,
-        W_SCALE_ROW=w_scale_mode == 1, W_SCALE_BLOCK=w_scale_mode == 2, HAS_KV_SCALE=kv_scale is not None, HAS_PE=P > 0, num_warps=NUM_WARPS,
+        BT=BT, BN=BN, BK=BK, BC=BC, BP=max(16, triton.next_power_of_2(max(P, 1))), STAGES=STAGES[w.dtype],
+        W_SCALE_ROW=w_scale_mode == 1, W_SCALE_BLOCK=w_scale_mode == 2, HAS_KV_SCALE=kv_scale is not None, HAS_PE=P > 0,
+        CONSUMER_REGS=CONSUMER_REGS, PRODUCER_REGS=PRODUCER_REGS, num_warps=NUM_WARPS, maxnreg=MAXNREG,
     )

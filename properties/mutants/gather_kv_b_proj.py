@@ -119,7 +119,7 @@ sm90_v_column = _sm90_entry("sm90_v_column", ("[t0, i_h * VD + (i_r - QK)]", "[t
 # the sm_90 kernel stores a whole token tile by TMA when it ends before the host total, even past
 # cu_kv_lens[-1] (rows past it get zeros)
 sm90_device_total_ignored = _sm90_entry("sm90_device_total_ignored",
-                                        ("full = (t0 + BT <= dev_total) & (t0 + BT <= total)", "full = t0 + BT <= total"))
+                                        ("full = (t0 + BM <= dev_total) & (t0 + BM <= total)", "full = t0 + BM <= total"))
 
 # the sm_90 kernel's own sequence search (the same search in Gluon) takes `<` for `<=`, as
 # tail_read_past_len does in the portable kernel
