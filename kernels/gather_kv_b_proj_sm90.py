@@ -66,7 +66,7 @@ _GL = {torch.bfloat16: gl.bfloat16, torch.float16: gl.float16, FP8: gl.float8e4n
 
 
 @gluon.jit
-def _producer(ptrs, sizes, strides, descs, bufs, i_w: gl.constexpr, L: gl.constexpr, BM: gl.constexpr,
+def _producer(ptrs, sizes, strides, descs, bufs, i_w: gl.constexpr, L, NK: gl.constexpr, BM: gl.constexpr,
               BN: gl.constexpr, BK: gl.constexpr, BC: gl.constexpr, BP: gl.constexpr, STAGES: gl.constexpr,
               W_SCALE_ROW: gl.constexpr, W_SCALE_BLOCK: gl.constexpr, HAS_KV_SCALE: gl.constexpr,
               HAS_PE: gl.constexpr):
@@ -76,7 +76,7 @@ def _producer(ptrs, sizes, strides, descs, bufs, i_w: gl.constexpr, L: gl.conste
     total, B, n_search, block_size, P, QK, VD, HD, N, N_OUT_TILES, N_GROUPS, H, V_OFF = sizes
     w_desc, k_desc, v_desc = descs
     w_smem, o_smem, a_smem, ready, empty = bufs
-    n_k: gl.constexpr = (L + BK - 1) // BK
+    n_k: gl.constexpr = NK
     i_g = gl.program_id(0) % N_GROUPS
     n_steps = gl.cdiv(N_OUT_TILES - i_g, N_GROUPS) * n_k
     for j in range(n_steps):
@@ -145,7 +145,7 @@ def _store_tile(acc, n0, t0, full, dev_total, total, w_scale, kv_scale, k_desc, 
 
 
 @gluon.jit
-def _consumer(ptrs, sizes, strides, descs, bufs, i_w: gl.constexpr, L: gl.constexpr, BM: gl.constexpr,
+def _consumer(ptrs, sizes, strides, descs, bufs, i_w: gl.constexpr, L, NK: gl.constexpr, BM: gl.constexpr,
               BN: gl.constexpr, BK: gl.constexpr, BC: gl.constexpr, BP: gl.constexpr, STAGES: gl.constexpr,
               W_SCALE_ROW: gl.constexpr, W_SCALE_BLOCK: gl.constexpr, HAS_KV_SCALE: gl.constexpr,
               HAS_PE: gl.constexpr):
@@ -199,7 +199,7 @@ def _consumer(ptrs, sizes, strides, descs, bufs, i_w: gl.constexpr, L: gl.conste
 
     # ---- the rows' latent vectors [BM, L], gathered once and kept as the products' A operand
     # (n_k pieces of [BM, BK]); only the weight streams
-    n_k: gl.constexpr = (L + BK - 1) // BK
+    n_k: gl.constexpr = NK
     A_L: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=MMA, k_width=32 // dtype.primitive_bitwidth)
     o_kb = gl.arange(0, BK, layout=gl.SliceLayout(0, LD))
     A_SMEM: gl.constexpr = dtype.primitive_bitwidth == 8
@@ -287,23 +287,23 @@ def _consumer(ptrs, sizes, strides, descs, bufs, i_w: gl.constexpr, L: gl.conste
     tma.store_wait(0)
 
 
-# L is a constexpr (unlike the Triton kernel's run-time L): the latent rows are held as a tuple of
-# cdiv(L, BK) static pieces, so each L compiles once (a fuzzer drawing L pays one compile per value;
-# a power-of-two count of pieces with a run-time guard would bound that, not yet measured on a GPU)
-@gluon.jit(do_not_specialize=["total", "B", "n_search", "block_size", "P", "QK", "VD", "HD", "N",
+# L is a run-time value but its piece count NK = cdiv(L, BK) is a constexpr: the latent rows are held
+# as a tuple of NK static pieces (masked past L), so a fuzzer drawing L compiles at most
+# MAX_L / BK variants per type (8 for 16-bit rows, 4 for fp8), not one per L
+@gluon.jit(do_not_specialize=["total", "B", "n_search", "block_size", "L", "P", "QK", "VD", "HD", "N",
                                "N_OUT_TILES", "N_GROUPS", "H", "V_OFF"])
 def _gather_kv_b_proj_sm90_kernel(
     cache, kv_indptr, kv_indices, cu_kv_lens, w_desc, w_scale, kv_scale, k_desc, v_desc, k_out, V_OFF,
-    total, B, n_search, block_size, L: gl.constexpr, P, QK, VD, HD, N, N_OUT_TILES, N_GROUPS, H,
+    total, B, n_search, block_size, L, P, QK, VD, HD, N, N_OUT_TILES, N_GROUPS, H,
     s_cb, s_cs, s_kt, s_kh, s_vt, s_vh, s_sn, s_sl,
-    BT: gl.constexpr, BN: gl.constexpr, BK: gl.constexpr, BC: gl.constexpr, BP: gl.constexpr,
+    NK: gl.constexpr, BT: gl.constexpr, BN: gl.constexpr, BK: gl.constexpr, BC: gl.constexpr, BP: gl.constexpr,
     STAGES: gl.constexpr, W_SCALE_ROW: gl.constexpr, W_SCALE_BLOCK: gl.constexpr, HAS_KV_SCALE: gl.constexpr,
     HAS_PE: gl.constexpr, CONSUMER_REGS: gl.constexpr, PRODUCER_REGS: gl.constexpr,
     num_warps: gl.constexpr,
 ):
     dtype: gl.constexpr = cache.dtype.element_ty
     BM: gl.constexpr = BT // 2
-    n_k: gl.constexpr = (L + BK - 1) // BK
+    n_k: gl.constexpr = NK
     # ---- shared memory: STAGES weight tiles [BN, BK]; per consumer two output pieces [BM, BC] and
     # (fp8) its latent rows [n_k, BM, BK]
     w_smem = gl.allocate_shared_memory(dtype, [STAGES, BN, BK], w_desc.layout)
@@ -324,11 +324,11 @@ def _gather_kv_b_proj_sm90_kernel(
     descs = (w_desc, k_desc, v_desc)
     bufs = (w_smem, o_smem, a_smem, ready, empty)
     gl.warp_specialize([
-        (_consumer, (ptrs, sizes, strides, descs, bufs, 0, L, BM, BN, BK, BC, BP, STAGES, W_SCALE_ROW,
+        (_consumer, (ptrs, sizes, strides, descs, bufs, 0, L, NK, BM, BN, BK, BC, BP, STAGES, W_SCALE_ROW,
                      W_SCALE_BLOCK, HAS_KV_SCALE, HAS_PE)),
-        (_consumer, (ptrs, sizes, strides, descs, bufs, 1, L, BM, BN, BK, BC, BP, STAGES, W_SCALE_ROW,
+        (_consumer, (ptrs, sizes, strides, descs, bufs, 1, L, NK, BM, BN, BK, BC, BP, STAGES, W_SCALE_ROW,
                      W_SCALE_BLOCK, HAS_KV_SCALE, HAS_PE)),
-        (_producer, (ptrs, sizes, strides, descs, bufs, 1, L, BM, BN, BK, BC, BP, STAGES, W_SCALE_ROW,
+        (_producer, (ptrs, sizes, strides, descs, bufs, 1, L, NK, BM, BN, BK, BC, BP, STAGES, W_SCALE_ROW,
                      W_SCALE_BLOCK, HAS_KV_SCALE, HAS_PE)),
     ], [4, 1], [CONSUMER_REGS, PRODUCER_REGS])
 
@@ -400,7 +400,7 @@ def launch(kv_cache, kv_indptr, kv_indices, cu_kv_lens, w, w_scale, kv_scale, k,
         total, B, max(B - 1, 0).bit_length(), kv_cache.shape[1], L, P, QK, VD, QK + VD, N, n_out_tiles, n_groups, H,
         kv_cache.stride(0), kv_cache.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
         *(w_scale.stride() if w_scale_mode == 2 else (0, 0)),
-        BT=BT, BN=BN, BK=BK, BC=BC, BP=max(16, triton.next_power_of_2(max(P, 1))), STAGES=STAGES[w.dtype],
+        NK=triton.cdiv(L, BK), BT=BT, BN=BN, BK=BK, BC=BC, BP=max(16, triton.next_power_of_2(max(P, 1))), STAGES=STAGES[w.dtype],
         W_SCALE_ROW=w_scale_mode == 1, W_SCALE_BLOCK=w_scale_mode == 2, HAS_KV_SCALE=kv_scale is not None, HAS_PE=P > 0,
         CONSUMER_REGS=CONSUMER_REGS, PRODUCER_REGS=PRODUCER_REGS, num_warps=NUM_WARPS, maxnreg=MAXNREG,
     )
