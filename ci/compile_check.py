@@ -94,6 +94,25 @@ def mla_cases(mla_decode):
     yield "page_size 64, 1 split", lambda: case(page_size=64, splits=1, return_lse=True)
 
 
+def _sm90_case(H=2, L=512, P=64, qk=128, v=128, dtype=torch.bfloat16, out=torch.bfloat16, row_scale=False,
+               kv_scale=False, block_size=16, block_scale=False, sm90=None):
+    """The sm_90 gather kernel (or a plant of its module), launched directly: its launcher's
+    dispatch needs an sm_90 device."""
+    if sm90 is None:
+        from kernels import gather_kv_b_proj_sm90 as sm90
+    T = 25
+    kv_cache = torch.zeros(2, block_size, L + P).to(dtype)
+    N = H * (qk + v)
+    n_k_el = T * H * (qk + P)
+    buf = torch.empty(n_k_el + T * H * v, dtype=out)
+    sm90.launch(kv_cache, torch.tensor([0, 2], dtype=torch.int32), torch.arange(2, dtype=torch.int32),
+                torch.tensor([0, T], dtype=torch.int32), torch.zeros(N, L).to(dtype),
+                torch.ones(N) if row_scale else torch.ones(-(-N // 128), -(-L // 128)) if block_scale else None,
+                torch.ones(1) if kv_scale else None,
+                buf[:n_k_el].view(T, H, qk + P), buf[n_k_el:].view(T, H, v), n_k_el, total=T, H=H, L=L, P=P,
+                QK=qk, VD=v, w_scale_mode=1 if row_scale else 2 if block_scale else 0)
+
+
 def gather_cases(gather_kv_b_proj):
     fp8 = torch.float8_e4m3fn
 
@@ -139,21 +158,7 @@ def gather_cases(gather_kv_b_proj):
                                                                        weight=torch.float16, out=torch.float32,
                                                                        block_size=1)
 
-    def sm90_case(H=2, L=512, P=64, qk=128, v=128, dtype=torch.bfloat16, out=torch.bfloat16, row_scale=False,
-                  kv_scale=False, block_size=16, block_scale=False):
-        # the sm_90 kernel, launched directly (its launcher's dispatch needs an sm_90 device)
-        from kernels import gather_kv_b_proj_sm90 as sm90
-        T = 25
-        kv_cache = torch.zeros(2, block_size, L + P).to(dtype)
-        N = H * (qk + v)
-        n_k_el = T * H * (qk + P)
-        buf = torch.empty(n_k_el + T * H * v, dtype=out)
-        sm90.launch(kv_cache, torch.tensor([0, 2], dtype=torch.int32), torch.arange(2, dtype=torch.int32),
-                    torch.tensor([0, T], dtype=torch.int32), torch.zeros(N, L).to(dtype),
-                    torch.ones(N) if row_scale else torch.ones(-(-N // 128), -(-L // 128)) if block_scale else None,
-                    torch.ones(1) if kv_scale else None,
-                    buf[:n_k_el].view(T, H, qk + P), buf[n_k_el:].view(T, H, v), n_k_el, total=T, H=H, L=L, P=P,
-                    QK=qk, VD=v, w_scale_mode=1 if row_scale else 2 if block_scale else 0)
+    sm90_case = _sm90_case
 
     yield "sm_90 kernel: bf16 DeepSeek-V3", lambda: sm90_case()
     yield "sm_90 kernel: fp16, qk=192 v=256, row scale, kv_scale, fp16 out", \
@@ -278,6 +283,25 @@ def vector_store_checks():
                f"wide (found {sorted(stores)})"), (stores == {"st.global.v4.b32"}) == want
 
 
+def sm90_vector_load_checks():
+    """The sm_90 gather kernel's latent-row loads must be 16 bytes wide: with L unspecialized the
+    masks o_k < L were not seen as constant over 16 columns and every row load became a 1- or
+    2-byte load (0.138 against 0.133 ms on an H100). The check must also fail on that plant
+    (properties/mutants/gather_kv_b_proj.py: sm90_scalar_row_loads)."""
+    from properties.mutants.gather_kv_b_proj import sm90_scalar_row_loads
+    from kernels import gather_kv_b_proj_sm90 as prod
+    for label, mod, want in (("production", prod, True), ("plant sm90_scalar_row_loads", sm90_scalar_row_loads(), False)):
+        for name, kw in (("bf16 DeepSeek-V3", {}),
+                         ("fp8 x fp8", dict(dtype=torch.float8_e4m3fn, block_scale=True, kv_scale=True))):
+            compiled.clear()
+            _sm90_case(sm90=mod, **kw)
+            loads = set(re.findall(r"ld\.global\.[\w.]+", compiled[0][3]))
+            # (the fp8 rope part is 8 bytes per thread: ld.global.v2.b32)
+            wide = "ld.global.v4.b32" in loads and not any(re.search(r"\.[bus](8|16)$", x) for x in loads)
+            yield (f"gather_kv_b_proj sm_90 {label}: {name}: latent-row loads {'are' if want else 'are not'} "
+                   f"16 bytes wide (found {sorted(loads)})"), wide == want
+
+
 def synchronous_mma_checks():
     """mla_decode's stage 1 must not use wgmma: with 64-row head tiles p.v ran on asynchronous
     wgmma and Triton 3.6 prefetched the next cache tile into the single buffer a pending wgmma
@@ -305,7 +329,8 @@ def synchronous_mma_checks():
 def main(argv) -> int:
     jit.JITFunction.run = _compile_only
     failed = 0
-    checks = list(same_arithmetic_checks()) + list(vector_store_checks()) + list(synchronous_mma_checks())
+    checks = (list(same_arithmetic_checks()) + list(vector_store_checks()) + list(sm90_vector_load_checks())
+              + list(synchronous_mma_checks()))
     for label, ok in checks:
         print(f"{'ok   ' if ok else 'FAIL '} {label}")
         failed += not ok

@@ -289,8 +289,10 @@ def _consumer(ptrs, sizes, strides, descs, bufs, i_w: gl.constexpr, L, NK: gl.co
 
 # L is a run-time value but its piece count NK = cdiv(L, BK) is a constexpr: the latent rows are held
 # as a tuple of NK static pieces (masked past L), so a fuzzer drawing L compiles at most
-# MAX_L / BK variants per type (8 for 16-bit rows, 4 for fp8), not one per L
-@gluon.jit(do_not_specialize=["total", "B", "n_search", "block_size", "L", "P", "QK", "VD", "HD", "N",
+# MAX_L / BK variants per type (8 for 16-bit rows, 4 for fp8), not one per L. L stays specialized
+# (it is a multiple of 16): the masks o_k < L are then constant over 16 columns and the row loads
+# 16 bytes wide (unspecialized, every load was scalar: 0.138 against 0.133 ms, H100, DeepSeek-V3)
+@gluon.jit(do_not_specialize=["total", "B", "n_search", "block_size", "P", "QK", "VD", "HD", "N",
                                "N_OUT_TILES", "N_GROUPS", "H", "V_OFF"])
 def _gather_kv_b_proj_sm90_kernel(
     cache, kv_indptr, kv_indices, cu_kv_lens, w_desc, w_scale, kv_scale, k_desc, v_desc, k_out, V_OFF,
@@ -389,11 +391,12 @@ def launch(kv_cache, kv_indptr, kv_indices, cu_kv_lens, w, w_scale, kv_scale, k,
     w_desc = TensorDescriptor(w, [N, L], [w.stride(0), 1], [BN, BK], _smem_layout((BN, BK), w.dtype))
     n_out_tiles = triton.cdiv(N, BN)
     n_token_tiles = triton.cdiv(total, BT)
-    # about two programs per SM (one runs at a time: 160 KB of shared memory each); the output
-    # tiles are split into groups when the token tiles are fewer (H100, 16384 tokens: 256 programs
-    # of 16 / 28 tiles take 0.139 / 0.221 ms, 128 programs of 32 / 56 tiles 0.14-0.21 / 0.22-0.23,
-    # and 0.26 / 0.25 with a weight prepared in the same call)
-    n_groups = min(n_out_tiles, max(1, 2 * _num_sms(kv_cache.device) // n_token_tiles))
+    # at most one wave of programs (one fits an SM: 208-224 KB of shared memory); the output tiles
+    # are split into groups when the token tiles are fewer than the SMs. H100, 16384 tokens (128
+    # token tiles), graph ms DeepSeek-V3 bf16 / fp8 x fp8, asymmetric bf16 / fp8 x fp8: one group
+    # (128 programs) 0.121-0.127 / 0.091 / 0.209 / 0.146; two (256) 0.133 / 0.094 / 0.215 / 0.149;
+    # three 0.142 / 0.098 / 0.224 / 0.153
+    n_groups = min(n_out_tiles, max(1, _num_sms(kv_cache.device) // n_token_tiles))
     _gather_kv_b_proj_sm90_kernel[(n_token_tiles * n_groups,)](
         kv_cache, kv_indptr, kv_indices, cu_kv_lens, w_desc, w_scale if w_scale is not None else w,
         kv_scale if kv_scale is not None else w, k_desc, v_desc, k, n_k_el,

@@ -103,6 +103,17 @@ scalar_output_stores = _entry(
     "scalar_output_stores", ("            o_o = tl.max_contiguous(tl.multiple_of(o_o, [1, 8]), [1, 8])\n", "            pass\n"))
 
 
+def sm90_scalar_row_loads():
+    """A speed plant of the sm_90 kernel (not in MUTANTS): L left unspecialized, so the masks
+    o_k < L are not seen as constant over 16 columns and every latent-row load is scalar. The
+    16-byte load check of ci/compile_check.py must fail on it."""
+    from properties.mutants._mutate import mutate
+    return mutate("kernels.gather_kv_b_proj_sm90",
+                  [('@gluon.jit(do_not_specialize=["total", "B", "n_search", "block_size", "P",',
+                    '@gluon.jit(do_not_specialize=["total", "B", "n_search", "block_size", "L", "P",')],
+                  tag="sm90_scalar_row_loads")
+
+
 def _sm90_entry(tag, *replacements):
     """A mutant of the sm_90 kernel, reached through the production launcher (GPU only: on the
     interpreter the property that kills it skips)."""
