@@ -290,7 +290,8 @@ def sm90_vector_load_checks():
     (properties/mutants/gather_kv_b_proj.py: sm90_scalar_row_loads)."""
     from properties.mutants.gather_kv_b_proj import sm90_scalar_row_loads
     from kernels import gather_kv_b_proj_sm90 as prod
-    for label, mod, want in (("production", prod, True), ("plant sm90_scalar_row_loads", sm90_scalar_row_loads(), False)):
+    for label, mod, want in (("production", prod, True),
+                             ("plant sm90_scalar_row_loads", sm90_scalar_row_loads(), False)):
         for name, kw in (("bf16 DeepSeek-V3", {}),
                          ("fp8 x fp8", dict(dtype=torch.float8_e4m3fn, block_scale=True, kv_scale=True))):
             compiled.clear()

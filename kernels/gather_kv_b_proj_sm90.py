@@ -314,7 +314,8 @@ def _gather_kv_b_proj_sm90_kernel(
     w_smem = gl.allocate_shared_memory(dtype, [STAGES, BN, BK], w_desc.layout)
     o_smem = gl.allocate_shared_memory(k_desc.dtype, [2 * (BN // BC), BM, BC], k_desc.layout)
     if dtype.primitive_bitwidth == 8:
-        a_smem = gl.allocate_shared_memory(dtype, [2 * n_k, BM, BK], gl.NVMMASharedLayout.get_default_for([BM, BK], dtype))
+        a_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BM, BK], dtype)
+        a_smem = gl.allocate_shared_memory(dtype, [2 * n_k, BM, BK], a_layout)
     else:
         a_smem = w_smem  # unused: 16-bit rows stay in the consumers' registers
     ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
@@ -406,7 +407,8 @@ def launch(kv_cache, kv_indptr, kv_indices, cu_kv_lens, w, w_scale, kv_scale, k,
         total, B, max(B - 1, 0).bit_length(), kv_cache.shape[1], L, P, QK, VD, QK + VD, N, n_out_tiles, n_groups, H,
         kv_cache.stride(0), kv_cache.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
         *(w_scale.stride() if w_scale_mode == 2 else (0, 0)),
-        NK=triton.cdiv(L, BK), BT=BT, BN=BN, BK=BK, BC=BC, BP=max(16, triton.next_power_of_2(max(P, 1))), STAGES=STAGES[w.dtype],
-        W_SCALE_ROW=w_scale_mode == 1, W_SCALE_BLOCK=w_scale_mode == 2, HAS_KV_SCALE=kv_scale is not None, HAS_PE=P > 0,
-        CONSUMER_REGS=CONSUMER_REGS, PRODUCER_REGS=PRODUCER_REGS, num_warps=NUM_WARPS, maxnreg=MAXNREG,
+        NK=triton.cdiv(L, BK), BT=BT, BN=BN, BK=BK, BC=BC, BP=max(16, triton.next_power_of_2(max(P, 1))),
+        STAGES=STAGES[w.dtype],
+        W_SCALE_ROW=w_scale_mode == 1, W_SCALE_BLOCK=w_scale_mode == 2, HAS_KV_SCALE=kv_scale is not None,
+        HAS_PE=P > 0, CONSUMER_REGS=CONSUMER_REGS, PRODUCER_REGS=PRODUCER_REGS, num_warps=NUM_WARPS, maxnreg=MAXNREG,
     )

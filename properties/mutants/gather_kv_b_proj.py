@@ -127,10 +127,11 @@ def _sm90_entry(tag, *replacements):
 # last head, so nothing lands outside v)
 sm90_v_column = _sm90_entry("sm90_v_column", ("[t0, i_h * VD + (i_r - QK)]", "[t0, i_h * VD + i_r]"))
 
-# the sm_90 kernel stores a whole token tile by TMA when it ends before the host total, even past
+# the sm_90 kernel stores a consumer's 64 rows by TMA when they end before the host total, even past
 # cu_kv_lens[-1] (rows past it get zeros)
 sm90_device_total_ignored = _sm90_entry("sm90_device_total_ignored",
-                                        ("full = (t0 + BM <= dev_total) & (t0 + BM <= total)", "full = t0 + BM <= total"))
+                                        ("full = (t0 + BM <= dev_total) & (t0 + BM <= total)",
+                                         "full = t0 + BM <= total"))
 
 # the sm_90 kernel's own sequence search (the same search in Gluon) takes `<` for `<=`, as
 # tail_read_past_len does in the portable kernel
