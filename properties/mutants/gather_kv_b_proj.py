@@ -138,6 +138,18 @@ sm90_device_total_ignored = _sm90_entry("sm90_device_total_ignored",
 sm90_tail_read = _sm90_entry("sm90_tail_read", ("m_go = b_cu <= o_t", "m_go = b_cu < o_t"))
 
 
+# the sm_90 kernel's second consumer warpgroup takes the first one's rows (the rows i_w * 64.. of
+# the program's tile): rows 64..127 of every token tile are never written
+sm90_second_consumer_rows = _sm90_entry("sm90_second_consumer_rows",
+                                        ("t0 = (i_p // N_GROUPS) * (2 * BM) + i_w * BM",
+                                         "t0 = (i_p // N_GROUPS) * (2 * BM)"))
+
+# fp8 x fp8 on the sm_90 kernel: the product of K step i scaled by block i - 1's scale (the scale
+# loaded one step ahead, one step too early)
+sm90_fp8_scale_lag = _sm90_entry("sm90_fp8_scale_lag",
+                                 ("b_s = gl.load(w_scale + (i_g + i_q * N_GROUPS) * s_sn + i_k * s_sl)",
+                                  "b_s = gl.load(w_scale + (i_g + i_q * N_GROUPS) * s_sn + (i_k - 1) * s_sl)"))
+
 MUTANTS = {
     "qk_equals_v": ("qk_equals_v", ("test_equivalence",),
                     "qk_nope_head_dim assumed equal to v_head_dim (K/V split at (qk + v) / 2)"),
@@ -166,7 +178,11 @@ MUTANTS = {
     "sm90_v_column": ("sm90_v_column", ("test_sm90_matches_portable",),
                       "the sm_90 kernel's V pieces stored qk_nope columns to the right"),
     "sm90_device_total_ignored": ("sm90_device_total_ignored", ("test_sm90_matches_portable",),
-                                  "the sm_90 kernel stores whole tiles past cu_kv_lens[-1] by TMA"),
+                                  "the sm_90 kernel stores a consumer's rows past cu_kv_lens[-1] by TMA"),
     "sm90_tail_read": ("sm90_tail_read", ("test_sm90_matches_portable",),
                        "the sm_90 kernel's sequence search reads token len(b-1) of the previous sequence"),
+    "sm90_second_consumer_rows": ("sm90_second_consumer_rows", ("test_sm90_matches_portable",),
+                                  "the sm_90 kernel's second consumer warpgroup computes the first one's rows"),
+    "sm90_fp8_scale_lag": ("sm90_fp8_scale_lag", ("test_sm90_matches_portable",),
+                           "fp8 x fp8 on the sm_90 kernel: K step i scaled by block i - 1's scale"),
 }
