@@ -18,8 +18,8 @@ Kernels: _kda_chunk_intra_kernel (Akk, Aqk; parallel over chunks x 16-row sub-bl
 _kda_chunk_wu_kernel (solve, w, u, q exp(G), k exp(G_last - G), exp(G_last); parallel over chunks x
 heads), _kda_chunk_fwd_kernel (sequential over the chunks of one (sequence, value head, V tile),
 float32 state in registers as row blocks of 64, writes o and the final state). Value head hv reads
-q/k head hv // (HV // H). Intermediates are token-indexed [rows, HV, *], rows padded to 16
-columns; with cu_seqlens a device-side table maps each chunk slot to (sequence, chunk), so the
+q/k head hv // (HV // H). Intermediates are head-major [HV, rows, *] (a chunk's tile is contiguous),
+their rows padded to whole state-kernel tiles; with cu_seqlens a device-side table maps each chunk slot to (sequence, chunk), so the
 launcher never synchronises.
 """
 import functools
@@ -63,10 +63,10 @@ def _chunk_coords(i_t, i_nh, chunk_indices, cu_seqlens, T, HV, GROUP, IS_VARLEN:
     return i_b, i_n, i_hv, i_h, bos, eos, t0, row_base
 
 
-@triton.jit(do_not_specialize=["T", "HV", "GROUP"])
+@triton.jit(do_not_specialize=["T", "HV", "GROUP", "R"])
 def _kda_chunk_intra_kernel(
     q, k, g, beta, Akk, Aqk, chunk_indices, cu_seqlens,
-    scale, T, HV, K, GROUP,
+    scale, T, HV, K, GROUP, R,
     s_q_b, s_q_t, s_q_h, s_q_k,
     s_k_b, s_k_t, s_k_h, s_k_k,
     s_g_b, s_g_t, s_g_h, s_g_k,
@@ -119,8 +119,8 @@ def _kda_chunk_intra_kernel(
     b_Akk = tl.zeros([BC, BT], dtype=tl.float32)
     b_Aqk = tl.zeros([BC, BT], dtype=tl.float32)
     # [BC, BC] the diagonal sub-block, columns r .. r + BC - 1
-    b_Akk_d = tl.zeros([BC, BC], dtype=tl.float32)
-    b_Aqk_d = tl.zeros([BC, BC], dtype=tl.float32)
+    b_Akk_d3 = tl.zeros([BC, BC, BK], dtype=tl.float32)
+    b_Aqk_d3 = tl.zeros([BC, BC, BK], dtype=tl.float32)
     o_j = tl.arange(0, BC)
     m_lt = o_i[:, None] > o_j[None, :]
     m_le = o_i[:, None] >= o_j[None, :]
@@ -157,14 +157,16 @@ def _kda_chunk_intra_kernel(
 
         # diagonal sub-block, element by element, all (i, j) pairs at once:
         # D[i, j, c] = sum_{s=j+1}^{i} g_sc for j <= i, a cumulative sum down i of g masked to
-        # rows i > j (so exp(D) <= 1)
+        # rows i > j (so exp(D) <= 1); the sum over c waits for the loop's end (a sum across lanes)
         # [BC, BC, BK]
         b_D = tl.cumsum(tl.where(m_lt[:, :, None], b_gs[:, None, :], 0.0), 0)
         b_E = tl.where(m_le[:, :, None], tl.exp(b_D), 0.0) * b_ks[None, :, :]
-        # [BC, BC]
-        b_Akk_d += tl.sum(b_ks[:, None, :] * b_E, 2)
-        b_Aqk_d += tl.sum(b_qs[:, None, :] * b_E, 2)
+        b_Akk_d3 += b_ks[:, None, :] * b_E
+        b_Aqk_d3 += b_qs[:, None, :] * b_E
 
+    # [BC, BC]
+    b_Akk_d = tl.sum(b_Akk_d3, 2)
+    b_Aqk_d = tl.sum(b_Aqk_d3, 2)
     # [BC]
     b_beta = tl.load(beta + i_b * s_b_b + i_hv * s_b_h + t_i * s_b_t, mask=m_i, other=0.0).to(tl.float32)
     b_Akk = b_Akk * b_beta[:, None]
@@ -172,7 +174,7 @@ def _kda_chunk_intra_kernel(
     b_Akk_d = tl.where(m_lt, b_Akk_d, 0.0) * b_beta[:, None]
     b_Aqk_d = b_Aqk_d * scale
     # Akk, Aqk: contiguous [rows, HV, BT]; the diagonal sub-block's columns are stored apart
-    o_row = ((row_base + t_i) * HV + i_hv) * BT
+    o_row = (i_hv * R + row_base + t_i) * BT
     m_s = m_i[:, None] & ((o_t < r) | (o_t >= r + BC))[None, :]
     tl.store(Akk + o_row[:, None] + o_t[None, :], b_Akk, mask=m_s)
     tl.store(Aqk + o_row[:, None] + o_t[None, :], cast_to(b_Aqk, Aqk.dtype.element_ty, EXACT_ROUNDING), mask=m_s)
@@ -182,10 +184,10 @@ def _kda_chunk_intra_kernel(
              mask=m_d)
 
 
-@triton.jit(do_not_specialize=["T", "HV", "GROUP", "NT"])
+@triton.jit(do_not_specialize=["T", "HV", "GROUP", "NT", "R"])
 def _kda_chunk_wu_kernel(
     q, k, v, g, beta, Akk, w, u, qg, kg, gl, chunk_indices, cu_seqlens,
-    scale, T, HV, K, V, GROUP, NT, KS, VS,
+    scale, T, HV, K, V, GROUP, NT, R, KS: tl.constexpr, VS: tl.constexpr,
     s_q_b, s_q_t, s_q_h, s_q_k,
     s_k_b, s_k_t, s_k_h, s_k_k,
     s_v_b, s_v_t, s_v_h, s_v_v,
@@ -206,7 +208,7 @@ def _kda_chunk_wu_kernel(
     o_t = tl.arange(0, BT)
     m_t = (t0 + o_t) < eos
     t_t = tl.where(m_t, t0 + o_t, bos)
-    o_row = (row_base + t_t) * HV + i_hv  # row of the token-indexed intermediates
+    o_row = i_hv * R + row_base + t_t  # row of the head-major intermediates
 
     # Y = (I + Akk)^-1, blockwise. Akk = Ad + Ao, Ad its BC x BC diagonal blocks, Ao the rest.
     # 1. Yd = (I + Ad)^-1 by forward substitution on Z = Yd - I inside each diagonal block:
@@ -258,7 +260,9 @@ def _kda_chunk_wu_kernel(
         b_rq = 1.0 / tl.sqrt(b_sq + 1e-6)
     b_rq = b_rq * scale
 
-    for i_k in range(0, tl.cdiv(K, BK)):
+    # over the padded width KS: the padding columns [K, KS) are written as zeros (k, q and g load as
+    # 0 there), as the state kernel reads whole tiles
+    for i_k in range(0, tl.cdiv(KS, BK)):
         o_k = i_k * BK + tl.arange(0, BK)
         m_k = o_k < K
         m_tk = m_t[:, None] & m_k[None, :]
@@ -274,8 +278,6 @@ def _kda_chunk_wu_kernel(
         b_g1 = tl.load(p_g1 + o_k[None, :] * s_g_k, mask=m_t1[:, None] & m_k[None, :], other=0.0).to(tl.float32)
         # exp(G_last - G_i) as exp(sum_{s=i+1}^{last} g_s): a sum, not a difference of cumulative sums
         b_kg = b_k * tl.exp(tl.cumsum(b_g1, 0, reverse=True))
-        # the padding columns [K, KS) are written too (zeros: k, q and g load as 0 there), so the
-        # state kernel reads whole 16-column groups with vector loads
         p_out = o_row[:, None] * KS + o_k[None, :]
         m_out = m_t[:, None] & (o_k < KS)[None, :]
         tl.store(w + p_out, cast_to(b_w, w.dtype.element_ty, EXACT_ROUNDING), mask=m_out)
@@ -284,7 +286,7 @@ def _kda_chunk_wu_kernel(
         tl.store(gl + (i_slot * HV + i_hv) * KS + o_k, tl.exp(b_Gl), mask=o_k < KS)
 
     p_v = v + i_b * s_v_b + i_hv * s_v_h + t_t[:, None] * s_v_t
-    for i_v in range(0, tl.cdiv(V, BV)):
+    for i_v in range(0, tl.cdiv(VS, BV)):
         o_v = i_v * BV + tl.arange(0, BV)
         m_tv = m_t[:, None] & (o_v < V)[None, :]
         # [BT, BV]
@@ -296,10 +298,14 @@ def _kda_chunk_wu_kernel(
 
 
 @triton.jit
-def _load_cols(p, o_row, m_t, i_k, KS, BKS: tl.constexpr):
-    """[BT, BKS]: columns [i_k BKS, (i_k + 1) BKS) of the rows o_row of a KS-wide intermediate."""
-    o_k = i_k * BKS + tl.arange(0, BKS)
-    return tl.load(p + o_row[:, None] * KS + o_k[None, :], mask=m_t[:, None] & (o_k < KS)[None, :], other=0.0)
+def _load_tile(p, off, i_k, m_t, BKS: tl.constexpr, MASKED: tl.constexpr):
+    """[BT, BKS]: columns [i_k BKS, (i_k + 1) BKS) of a chunk's rows (off: the chunk-relative
+    offsets). The columns are padded to whole tiles (see chunk_kda), so only the rows of a last
+    partial chunk are masked (MASKED), to 0."""
+    if MASKED:
+        return tl.load(p + off + i_k * BKS, mask=m_t[:, None], other=0.0)
+    else:
+        return tl.load(p + off + i_k * BKS)
 
 
 @triton.jit
@@ -354,25 +360,88 @@ def _store_block(ht, b_h, i_k, i_n, i_hv, o_v, HV, K, V, BKS: tl.constexpr):
 
 
 @triton.jit
-def _load_decay(gl, g_row, i_k, KS, BKS: tl.constexpr):
-    """[BKS]: block i_k of the chunk's total decay exp(G_last)."""
-    o_k = i_k * BKS + tl.arange(0, BKS)
-    return tl.load(gl + g_row + o_k, mask=o_k < KS, other=0.0)
+def _load_decay(p_gl, i_k, BKS: tl.constexpr):
+    """[BKS]: block i_k of the chunk's total decay exp(G_last) (p_gl: the chunk's row)."""
+    return tl.load(p_gl + i_k * BKS + tl.arange(0, BKS))
 
 
 @triton.jit
-def _state_step(b_h, b_gl, kg, o_row, m_t, i_k, KS, u_hi, u_lo, SPLIT: tl.constexpr, DOT_PREC: tl.constexpr,
-                BKS: tl.constexpr):
+def _state_step(b_h, b_gl, p_kg, off, i_k, m_t, u_hi, u_lo, SPLIT: tl.constexpr, DOT_PREC: tl.constexpr,
+                BKS: tl.constexpr, MASKED: tl.constexpr):
     """State rows block i_k at the chunk's end: diag(exp(G_last)) S + (k exp(G_last - G))^T U."""
     # [BT, BKS]
-    b_kg = _load_cols(kg, o_row, m_t, i_k, KS, BKS)
+    b_kg = _load_tile(p_kg, off, i_k, m_t, BKS, MASKED)
     return b_h * b_gl[:, None] + _dot_state(tl.trans(b_kg), u_hi, u_lo, tl.zeros_like(b_h), SPLIT, DOT_PREC)
 
 
-@triton.jit(do_not_specialize=["T", "HV", "K", "V", "NT"])
+@triton.jit
+def _chunk_step(b_h1, b_h2, b_h3, b_h4, w, u, qg, kg, gl, Aqk, o, r0, o_r0, g_row, t0, eos, off_k, off_u, off_a,
+                o_t, o_v, m_v, KS: tl.constexpr, VS: tl.constexpr, V, HV,
+                BT: tl.constexpr, BKS: tl.constexpr, NK: tl.constexpr, BV: tl.constexpr, MASKED: tl.constexpr,
+                O_HI: tl.constexpr, SPLIT: tl.constexpr, DOT_PREC: tl.constexpr, EXACT_ROUNDING: tl.constexpr):
+    """One chunk: writes its o rows and returns the state row blocks (b_h1 .. b_h4, NK of them
+    used) at its end. r0, o_r0: int64 row of the chunk's first token t0 (and the value head) in
+    the head-major intermediates and in o, g_row: element offset of its exp(G_last) row; MASKED:
+    a last partial chunk (rows at and past eos read as 0 and are not written)."""
+    m_t = (t0 + o_t) < eos
+    p_w, p_qg, p_kg = w + r0 * KS, qg + r0 * KS, kg + r0 * KS
+    # [BKS] exp(G_last), loaded first: these loads stay synchronous when the others pipeline
+    b_gl1 = _load_decay(gl + g_row, 0, BKS)
+    if NK >= 2:
+        b_gl2 = _load_decay(gl + g_row, 1, BKS)
+    if NK >= 4:
+        b_gl3 = _load_decay(gl + g_row, 2, BKS)
+        b_gl4 = _load_decay(gl + g_row, 3, BKS)
+    # the state path (U and the state update) in float32 operands: 3xTF32 products whose B
+    # operand (a state block, U) is split once and shared (by the output path too)
+    s1_hi, s1_lo = _split(b_h1, SPLIT)
+    if NK >= 2:
+        s2_hi, s2_lo = _split(b_h2, SPLIT)
+    if NK >= 4:
+        s3_hi, s3_lo = _split(b_h3, SPLIT)
+        s4_hi, s4_lo = _split(b_h4, SPLIT)
+    # [BT, BV] the chunk's deltas: U = u - w S, one state row block at a time (rows past eos: 0)
+    b_ws = tl.zeros([BT, BV], dtype=tl.float32)
+    b_ws = _dot_state(_load_tile(p_w, off_k, 0, m_t, BKS, MASKED), s1_hi, s1_lo, b_ws, SPLIT, DOT_PREC)
+    if NK >= 2:
+        b_ws = _dot_state(_load_tile(p_w, off_k, 1, m_t, BKS, MASKED), s2_hi, s2_lo, b_ws, SPLIT, DOT_PREC)
+    if NK >= 4:
+        b_ws = _dot_state(_load_tile(p_w, off_k, 2, m_t, BKS, MASKED), s3_hi, s3_lo, b_ws, SPLIT, DOT_PREC)
+        b_ws = _dot_state(_load_tile(p_w, off_k, 3, m_t, BKS, MASKED), s4_hi, s4_lo, b_ws, SPLIT, DOT_PREC)
+    b_U = _load_tile(u + r0 * VS, off_u, 0, m_t, BV, MASKED).to(tl.float32) - b_ws
+    u_hi, u_lo = _split(b_U, SPLIT)
+
+    # [BT, BV] o = (q exp(G)) S + Aqk U; for bf16 inputs on the tf32 halves of S and U
+    # [BT, BT]
+    b_Aqk = _load_tile(Aqk + r0 * BT, off_a, 0, m_t, BT, MASKED)
+    b_o = _dot_out(b_Aqk, u_hi, u_lo, tl.zeros([BT, BV], dtype=tl.float32), O_HI, SPLIT, DOT_PREC)
+    b_o = _dot_out(_load_tile(p_qg, off_k, 0, m_t, BKS, MASKED), s1_hi, s1_lo, b_o, O_HI, SPLIT, DOT_PREC)
+    if NK >= 2:
+        b_o = _dot_out(_load_tile(p_qg, off_k, 1, m_t, BKS, MASKED), s2_hi, s2_lo, b_o, O_HI, SPLIT, DOT_PREC)
+    if NK >= 4:
+        b_o = _dot_out(_load_tile(p_qg, off_k, 2, m_t, BKS, MASKED), s3_hi, s3_lo, b_o, O_HI, SPLIT, DOT_PREC)
+        b_o = _dot_out(_load_tile(p_qg, off_k, 3, m_t, BKS, MASKED), s4_hi, s4_lo, b_o, O_HI, SPLIT, DOT_PREC)
+    # o is contiguous [B, T, HV, V]
+    p_o = o + o_r0 * V + (o_t[:, None] * HV) * V + o_v[None, :]
+    b_o = cast_to(b_o, o.dtype.element_ty, EXACT_ROUNDING)
+    if MASKED:
+        tl.store(p_o, b_o, mask=m_t[:, None] & m_v[None, :])
+    else:
+        tl.store(p_o, b_o, mask=m_v[None, :])
+
+    b_h1 = _state_step(b_h1, b_gl1, p_kg, off_k, 0, m_t, u_hi, u_lo, SPLIT, DOT_PREC, BKS, MASKED)
+    if NK >= 2:
+        b_h2 = _state_step(b_h2, b_gl2, p_kg, off_k, 1, m_t, u_hi, u_lo, SPLIT, DOT_PREC, BKS, MASKED)
+    if NK >= 4:
+        b_h3 = _state_step(b_h3, b_gl3, p_kg, off_k, 2, m_t, u_hi, u_lo, SPLIT, DOT_PREC, BKS, MASKED)
+        b_h4 = _state_step(b_h4, b_gl4, p_kg, off_k, 3, m_t, u_hi, u_lo, SPLIT, DOT_PREC, BKS, MASKED)
+    return b_h1, b_h2, b_h3, b_h4
+
+
+@triton.jit(do_not_specialize=["T", "HV", "K", "V", "NT", "R"])
 def _kda_chunk_fwd_kernel(
     w, u, qg, kg, gl, Aqk, o, h0, ht, cu_seqlens, chunk_offsets,
-    T, HV, K, V, NT, KS, VS,
+    T, HV, K, V, NT, R, KS: tl.constexpr, VS: tl.constexpr,
     s_h0_n, s_h0_h, s_h0_k, s_h0_v,
     BT: tl.constexpr, BKS: tl.constexpr, NK: tl.constexpr, BV: tl.constexpr,
     USE_INITIAL_STATE: tl.constexpr, STORE_FINAL_STATE: tl.constexpr, IS_VARLEN: tl.constexpr,
@@ -380,7 +449,13 @@ def _kda_chunk_fwd_kernel(
 ):
     """The state [K, V tile] is held as NK (1, 2 or 4) row blocks of BKS rows, each a tensor of its
     own, so every dot works on one block and only one block's operand is live at a time (a single
-    [BK, BV] state with BK = 128 spilled registers)."""
+    [BK, BV] state with BK = 128 spilled registers).
+
+    The chunk loop is bound by instruction issue (one warpgroup per SM, each instruction waiting
+    on the one before), so whole chunks read their tiles without masks, through loop-invariant
+    int32 offsets from a per-chunk int64 scalar base (the intermediates' columns are padded to
+    whole tiles: KS = NK BKS, VS a multiple of BV); only a last partial chunk masks its rows.
+    H100, HV 16 bench shape: 2876 -> ~1700 SASS instructions per chunk."""
     i_v, i_nh = tl.program_id(0).to(tl.int64), tl.program_id(1).to(tl.int64)
     i_n, i_hv = i_nh // HV, i_nh % HV
     if IS_VARLEN:
@@ -398,6 +473,11 @@ def _kda_chunk_fwd_kernel(
     o_t = tl.arange(0, BT)
     o_v = i_v * BV + tl.arange(0, BV)
     m_v = o_v < V
+    # chunk-relative element offsets of the head-major intermediates: compile-time constants
+    # [BT, BKS], [BT, BV], [BT, BT]
+    off_k = o_t[:, None] * KS + tl.arange(0, BKS)[None, :]
+    off_u = o_t[:, None] * VS + o_v[None, :]
+    off_a = o_t[:, None] * BT + o_t[None, :]
     # [BKS, BV] state row blocks
     b_h1 = _load_block(h0, 0, i_n, i_hv, o_v, K, V, s_h0_n, s_h0_h, s_h0_k, s_h0_v, BKS, BV, USE_INITIAL_STATE)
     if NK >= 2:
@@ -406,58 +486,26 @@ def _kda_chunk_fwd_kernel(
         b_h3 = _load_block(h0, 2, i_n, i_hv, o_v, K, V, s_h0_n, s_h0_h, s_h0_k, s_h0_v, BKS, BV, USE_INITIAL_STATE)
         b_h4 = _load_block(h0, 3, i_n, i_hv, o_v, K, V, s_h0_n, s_h0_h, s_h0_k, s_h0_v, BKS, BV, USE_INITIAL_STATE)
 
-    for i_t in range(0, tl.cdiv(eos - bos, BT)):
+    # state row blocks NK does not use stand in for the missing ones (passed through unchanged)
+    if NK < 2:
+        b_h2 = b_h1
+    if NK < 4:
+        b_h3 = b_h1
+        b_h4 = b_h1
+    # whole chunks unmasked, then a last partial chunk with its rows masked
+    n_full = (eos - bos) // BT
+    for i_t in range(0, n_full):
         t0 = bos + i_t * BT
-        m_t = (t0 + o_t) < eos
-        o_row = (row_base + tl.where(m_t, t0 + o_t, bos)) * HV + i_hv
-        g_row = ((slot0 + i_t) * HV + i_hv) * KS
-        # [BKS] exp(G_last), loaded first: these loads stay synchronous when the others pipeline
-        b_gl1 = _load_decay(gl, g_row, 0, KS, BKS)
-        if NK >= 2:
-            b_gl2 = _load_decay(gl, g_row, 1, KS, BKS)
-        if NK >= 4:
-            b_gl3 = _load_decay(gl, g_row, 2, KS, BKS)
-            b_gl4 = _load_decay(gl, g_row, 3, KS, BKS)
-        # the state path (U and the state update) in float32 operands: 3xTF32 products whose B
-        # operand (a state block, U) is split once and shared (by the output path too)
-        s1_hi, s1_lo = _split(b_h1, SPLIT)
-        if NK >= 2:
-            s2_hi, s2_lo = _split(b_h2, SPLIT)
-        if NK >= 4:
-            s3_hi, s3_lo = _split(b_h3, SPLIT)
-            s4_hi, s4_lo = _split(b_h4, SPLIT)
-        # [BT, BV] the chunk's deltas: U = u - w S, one state row block at a time
-        b_ws = tl.zeros([BT, BV], dtype=tl.float32)
-        b_ws = _dot_state(_load_cols(w, o_row, m_t, 0, KS, BKS), s1_hi, s1_lo, b_ws, SPLIT, DOT_PREC)
-        if NK >= 2:
-            b_ws = _dot_state(_load_cols(w, o_row, m_t, 1, KS, BKS), s2_hi, s2_lo, b_ws, SPLIT, DOT_PREC)
-        if NK >= 4:
-            b_ws = _dot_state(_load_cols(w, o_row, m_t, 2, KS, BKS), s3_hi, s3_lo, b_ws, SPLIT, DOT_PREC)
-            b_ws = _dot_state(_load_cols(w, o_row, m_t, 3, KS, BKS), s4_hi, s4_lo, b_ws, SPLIT, DOT_PREC)
-        b_u = tl.load(u + o_row[:, None] * VS + o_v[None, :], mask=m_t[:, None] & (o_v < VS)[None, :], other=0.0)
-        b_U = b_u.to(tl.float32) - b_ws
-        u_hi, u_lo = _split(b_U, SPLIT)
-
-        # [BT, BV] o = (q exp(G)) S + Aqk U; for bf16 inputs on the tf32 halves of S and U
-        # [BT, BT]
-        b_Aqk = tl.load(Aqk + o_row[:, None] * BT + o_t[None, :], mask=m_t[:, None], other=0.0)
-        b_o = _dot_out(b_Aqk, u_hi, u_lo, tl.zeros([BT, BV], dtype=tl.float32), O_HI, SPLIT, DOT_PREC)
-        b_o = _dot_out(_load_cols(qg, o_row, m_t, 0, KS, BKS), s1_hi, s1_lo, b_o, O_HI, SPLIT, DOT_PREC)
-        if NK >= 2:
-            b_o = _dot_out(_load_cols(qg, o_row, m_t, 1, KS, BKS), s2_hi, s2_lo, b_o, O_HI, SPLIT, DOT_PREC)
-        if NK >= 4:
-            b_o = _dot_out(_load_cols(qg, o_row, m_t, 2, KS, BKS), s3_hi, s3_lo, b_o, O_HI, SPLIT, DOT_PREC)
-            b_o = _dot_out(_load_cols(qg, o_row, m_t, 3, KS, BKS), s4_hi, s4_lo, b_o, O_HI, SPLIT, DOT_PREC)
-        # o is contiguous [B, T, HV, V]: its row index equals the intermediates'
-        tl.store(o + o_row[:, None] * V + o_v[None, :], cast_to(b_o, o.dtype.element_ty, EXACT_ROUNDING),
-                 mask=m_t[:, None] & m_v[None, :])
-
-        b_h1 = _state_step(b_h1, b_gl1, kg, o_row, m_t, 0, KS, u_hi, u_lo, SPLIT, DOT_PREC, BKS)
-        if NK >= 2:
-            b_h2 = _state_step(b_h2, b_gl2, kg, o_row, m_t, 1, KS, u_hi, u_lo, SPLIT, DOT_PREC, BKS)
-        if NK >= 4:
-            b_h3 = _state_step(b_h3, b_gl3, kg, o_row, m_t, 2, KS, u_hi, u_lo, SPLIT, DOT_PREC, BKS)
-            b_h4 = _state_step(b_h4, b_gl4, kg, o_row, m_t, 3, KS, u_hi, u_lo, SPLIT, DOT_PREC, BKS)
+        b_h1, b_h2, b_h3, b_h4 = _chunk_step(
+            b_h1, b_h2, b_h3, b_h4, w, u, qg, kg, gl, Aqk, o, i_hv * R + row_base + t0, (row_base + t0) * HV + i_hv,
+            ((slot0 + i_t) * HV + i_hv) * KS, t0, eos, off_k, off_u, off_a, o_t, o_v, m_v, KS, VS, V, HV,
+            BT, BKS, NK, BV, False, O_HI, SPLIT, DOT_PREC, EXACT_ROUNDING)
+    if n_full * BT < eos - bos:
+        t0 = bos + n_full * BT
+        b_h1, b_h2, b_h3, b_h4 = _chunk_step(
+            b_h1, b_h2, b_h3, b_h4, w, u, qg, kg, gl, Aqk, o, i_hv * R + row_base + t0, (row_base + t0) * HV + i_hv,
+            ((slot0 + n_full) * HV + i_hv) * KS, t0, eos, off_k, off_u, off_a, o_t, o_v, m_v, KS, VS, V, HV,
+            BT, BKS, NK, BV, True, O_HI, SPLIT, DOT_PREC, EXACT_ROUNDING)
 
     if STORE_FINAL_STATE:
         _store_block(ht, b_h1, 0, i_n, i_hv, o_v, HV, K, V, BKS)
@@ -505,7 +553,7 @@ def _launch_config(K: int, V: int, bf16_out_path: bool, half_inputs: bool, n_hea
     # The intra-chunk kernel needs 134 registers; capped at 128 it fits 4 programs per SM instead
     # of 3 without spilling for 16-bit q/k and K % 16 == 0 (HV 16: 3.33 -> 3.02 ms, HV 32: 6.48 ->
     # 6.01). Odd K or float32 inputs would spill under the cap, so they keep the default.
-    maxnreg_intra = 128 if half_inputs and K % 16 == 0 else None
+    maxnreg_intra = 168 if half_inputs and K % 16 == 0 else None
     return dict(BV=BV, warps_fwd=4, stages_fwd=stages,
                 BK_I=16, warps_intra=4, maxnreg_intra=maxnreg_intra,
                 BK_W=min(BK, 32), BV_W=max(16, min(pow2(V), 32)), warps_wu=4)
@@ -604,14 +652,15 @@ def chunk_kda(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor
     f32 = torch.float32
     o_path = torch.bfloat16 if q.dtype == torch.bfloat16 else f32
     dot_prec = cfg.get("dot_prec", "ieee" if q.dtype == f32 else "tf32x3")
-    # row widths of the intermediates, padded to 16 columns so the state kernel's loads vectorise
-    KS, VS = triton.cdiv(K, 16) * 16, triton.cdiv(V, 16) * 16
-    Akk = torch.empty((rows, HV, BT), dtype=f32, device=dev)
-    Aqk = torch.empty((rows, HV, BT), dtype=o_path, device=dev)
-    w = torch.empty((rows, HV, KS), dtype=f32, device=dev)
-    qg = torch.empty((rows, HV, KS), dtype=o_path, device=dev)
-    kg = torch.empty((rows, HV, KS), dtype=f32, device=dev)
-    u = torch.empty((rows, HV, VS), dtype=f32, device=dev)
+    # row widths of the intermediates, padded to whole state-kernel tiles (it reads them unmasked)
+    BV = cfg["BV"]
+    KS, VS = dot_dim(K), max(dot_dim(V), BV)
+    Akk = torch.empty((HV, rows, BT), dtype=f32, device=dev)
+    Aqk = torch.empty((HV, rows, BT), dtype=o_path, device=dev)
+    w = torch.empty((HV, rows, KS), dtype=f32, device=dev)
+    qg = torch.empty((HV, rows, KS), dtype=o_path, device=dev)
+    kg = torch.empty((HV, rows, KS), dtype=f32, device=dev)
+    u = torch.empty((HV, rows, VS), dtype=f32, device=dev)
     gl = torch.empty((n_slots, HV, KS), dtype=torch.float32, device=dev)
     o = torch.empty((B, T, HV, V), dtype=q.dtype, device=dev)
     ht = torch.empty((N, HV, K, V), dtype=torch.float32, device=dev) if output_final_state else None
@@ -622,7 +671,7 @@ def chunk_kda(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor
 
     _kda_chunk_intra_kernel[(NT * (BT // BC), grid_cols)](
         q, k, g, beta, Akk, Aqk, ci, cs,
-        d.scale, T, HV, K, HV // d.H,
+        d.scale, T, HV, K, HV // d.H, rows,
         *q.stride(), *k.stride(), *g.stride(), *beta.stride(),
         BT=BT, BC=BC, BK=cfg["BK_I"], IS_VARLEN=is_varlen, USE_QK_L2NORM=use_qk_l2norm,
         DOT_PREC=dot_prec, EXACT_ROUNDING=exact, num_warps=cfg["warps_intra"],
@@ -630,18 +679,17 @@ def chunk_kda(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor
     )
     _kda_chunk_wu_kernel[(NT, grid_cols)](
         q, k, v, g, beta, Akk, w, u, qg, kg, gl, ci, cs,
-        d.scale, T, HV, K, V, HV // d.H, NT, KS, VS,
+        d.scale, T, HV, K, V, HV // d.H, NT, rows, KS, VS,
         *q.stride(), *k.stride(), *v.stride(), *g.stride(), *beta.stride(),
         BT=BT, BC=BC, BK=cfg["BK_W"], BV=cfg["BV_W"], IS_VARLEN=is_varlen, USE_QK_L2NORM=use_qk_l2norm,
         DOT_PREC=dot_prec, EXACT_ROUNDING=exact, num_warps=cfg["warps_wu"],
     )
     h0 = initial_state if initial_state is not None else dummy
     h0_strides = initial_state.stride() if initial_state is not None else (0, 0, 0, 0)
-    BV = cfg["BV"]
     _kda_chunk_fwd_kernel[(triton.cdiv(V, BV), N * HV)](
         w, u, qg, kg, gl, Aqk, o, h0, ht if ht is not None else dummy, cs,
         chunk_offsets if is_varlen else dummy,
-        T, HV, K, V, NT, KS, VS, *h0_strides,
+        T, HV, K, V, NT, rows, KS, VS, *h0_strides,
         BT=BT, BKS=min(dot_dim(K), 64), NK=max(1, dot_dim(K) // 64),
         BV=BV, USE_INITIAL_STATE=initial_state is not None, STORE_FINAL_STATE=output_final_state,
         IS_VARLEN=is_varlen,
