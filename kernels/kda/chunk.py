@@ -550,9 +550,10 @@ def _launch_config(K: int, V: int, bf16_out_path: bool, half_inputs: bool, n_hea
     # 4096, state kernel: HV 16 1.35 against 1.75 ms, HV 32 2.60 against 3.49).
     fits = n_heads * triton.cdiv(V, BV) <= n_sm
     stages = (3 if BV == 16 else 2) if bf16_out_path and BK <= 128 and fits else 1
-    # The intra-chunk kernel needs 134 registers; capped at 128 it fits 4 programs per SM instead
-    # of 3 without spilling for 16-bit q/k and K % 16 == 0 (HV 16: 3.33 -> 3.02 ms, HV 32: 6.48 ->
-    # 6.01). Odd K or float32 inputs would spill under the cap, so they keep the default.
+    # The intra-chunk kernel holds two [16, 16, BK] diagonal accumulators and needs 220 registers;
+    # capped at 168 it fits 3 programs per SM instead of 2 (40 bytes of spills, outside the K loop)
+    # for 16-bit q/k and K % 16 == 0: HV 16 3.26 -> 2.66 ms, HV 32 6.46 -> 5.31 (a cap of 128:
+    # 2.78 / 5.56). Odd K or float32 inputs would spill more under the cap; they keep the default.
     maxnreg_intra = 168 if half_inputs and K % 16 == 0 else None
     return dict(BV=BV, warps_fwd=4, stages_fwd=stages,
                 BK_I=16, warps_intra=4, maxnreg_intra=maxnreg_intra,
