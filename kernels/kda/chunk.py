@@ -18,9 +18,9 @@ Kernels: _kda_chunk_intra_kernel (Akk, Aqk; parallel over chunks x 16-row sub-bl
 _kda_chunk_wu_kernel (solve, w, u, q exp(G), k exp(G_last - G), exp(G_last); parallel over chunks x
 heads), _kda_chunk_fwd_kernel (sequential over the chunks of one (sequence, value head, V tile),
 float32 state in registers as row blocks of 64, writes o and the final state). Value head hv reads
-q/k head hv // (HV // H). Intermediates are head-major [HV, rows, *] (a chunk's tile is contiguous),
-their rows padded to whole state-kernel tiles; with cu_seqlens a device-side table maps each chunk slot to (sequence, chunk), so the
-launcher never synchronises.
+q/k head hv // (HV // H). Intermediates are head-major [HV, rows, *] (a chunk's tile is
+contiguous), their row widths padded to powers of two (whole state-kernel tiles); with cu_seqlens a
+device-side table maps each chunk slot to (sequence, chunk), so the launcher never synchronises.
 """
 import functools
 from typing import Optional
@@ -173,7 +173,7 @@ def _kda_chunk_intra_kernel(
     b_Aqk = b_Aqk * scale
     b_Akk_d = tl.where(m_lt, b_Akk_d, 0.0) * b_beta[:, None]
     b_Aqk_d = b_Aqk_d * scale
-    # Akk, Aqk: contiguous [rows, HV, BT]; the diagonal sub-block's columns are stored apart
+    # Akk, Aqk: head-major [HV, rows, BT]; the diagonal sub-block's columns are stored apart
     o_row = (i_hv * R + row_base + t_i) * BT
     m_s = m_i[:, None] & ((o_t < r) | (o_t >= r + BC))[None, :]
     tl.store(Akk + o_row[:, None] + o_t[None, :], b_Akk, mask=m_s)
@@ -452,10 +452,10 @@ def _kda_chunk_fwd_kernel(
     [BK, BV] state with BK = 128 spilled registers).
 
     The chunk loop is bound by instruction issue (one warpgroup per SM, each instruction waiting
-    on the one before), so whole chunks read their tiles without masks, through loop-invariant
-    int32 offsets from a per-chunk int64 scalar base (the intermediates' columns are padded to
-    whole tiles: KS = NK BKS, VS a multiple of BV); only a last partial chunk masks its rows.
-    H100, HV 16 bench shape: 2876 -> ~1700 SASS instructions per chunk."""
+    on the one before), so a chunk's tiles are read at compile-time offsets from one int64 base:
+    the intermediates are head-major with constexpr power-of-two row widths (KS = NK BKS, VS a
+    multiple of BV). Whole chunks load without masks; only a last partial chunk masks its rows.
+    sm_90a, bench shape (BV 16): 2876 -> 1508 SASS instructions per chunk."""
     i_v, i_nh = tl.program_id(0).to(tl.int64), tl.program_id(1).to(tl.int64)
     i_n, i_hv = i_nh // HV, i_nh % HV
     if IS_VARLEN:
@@ -497,14 +497,16 @@ def _kda_chunk_fwd_kernel(
     for i_t in range(0, n_full):
         t0 = bos + i_t * BT
         b_h1, b_h2, b_h3, b_h4 = _chunk_step(
-            b_h1, b_h2, b_h3, b_h4, w, u, qg, kg, gl, Aqk, o, i_hv * R + row_base + t0, (row_base + t0) * HV + i_hv,
-            ((slot0 + i_t) * HV + i_hv) * KS, t0, eos, off_k, off_u, off_a, o_t, o_v, m_v, KS, VS, V, HV,
+            b_h1, b_h2, b_h3, b_h4, w, u, qg, kg, gl, Aqk, o,
+            i_hv * R + row_base + t0, (row_base + t0) * HV + i_hv, ((slot0 + i_t) * HV + i_hv) * KS, t0, eos,
+            off_k, off_u, off_a, o_t, o_v, m_v, KS, VS, V, HV,
             BT, BKS, NK, BV, False, O_HI, SPLIT, DOT_PREC, EXACT_ROUNDING)
     if n_full * BT < eos - bos:
         t0 = bos + n_full * BT
         b_h1, b_h2, b_h3, b_h4 = _chunk_step(
-            b_h1, b_h2, b_h3, b_h4, w, u, qg, kg, gl, Aqk, o, i_hv * R + row_base + t0, (row_base + t0) * HV + i_hv,
-            ((slot0 + n_full) * HV + i_hv) * KS, t0, eos, off_k, off_u, off_a, o_t, o_v, m_v, KS, VS, V, HV,
+            b_h1, b_h2, b_h3, b_h4, w, u, qg, kg, gl, Aqk, o,
+            i_hv * R + row_base + t0, (row_base + t0) * HV + i_hv, ((slot0 + n_full) * HV + i_hv) * KS, t0, eos,
+            off_k, off_u, off_a, o_t, o_v, m_v, KS, VS, V, HV,
             BT, BKS, NK, BV, True, O_HI, SPLIT, DOT_PREC, EXACT_ROUNDING)
 
     if STORE_FINAL_STATE:
