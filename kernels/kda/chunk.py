@@ -115,9 +115,8 @@ def _kda_chunk_intra_kernel(
         b_rks = 1.0 / tl.sqrt(b_sks + 1e-6)
         b_rqs = 1.0 / tl.sqrt(b_sqs + 1e-6)
 
-    # [BC, BT] columns of earlier sub-blocks (the rest stays 0)
-    b_Akk = tl.zeros([BC, BT], dtype=tl.float32)
-    b_Aqk = tl.zeros([BC, BT], dtype=tl.float32)
+    # [2 BC, BT] columns of earlier sub-blocks (the rest stays 0): Akk's rows over Aqk's, one product
+    b_A2 = tl.zeros([2 * BC, BT], dtype=tl.float32)
     # [BC, BC] the diagonal sub-block, columns r .. r + BC - 1
     b_Akk_d3 = tl.zeros([BC, BC, BK], dtype=tl.float32)
     b_Aqk_d3 = tl.zeros([BC, BC, BK], dtype=tl.float32)
@@ -152,18 +151,21 @@ def _kda_chunk_intra_kernel(
             b_kr = tl.where(m_j[:, None], b_kf * tl.exp(b_Sj), 0.0)
             # [BC, BK]
             b_es = tl.exp(tl.cumsum(b_gs, 0))
-            b_Akk += tl.dot(b_ks * b_es, tl.trans(b_kr), input_precision=DOT_PREC)
-            b_Aqk += tl.dot(b_qs * b_es, tl.trans(b_kr), input_precision=DOT_PREC)
+            # [2 BC, BK] (k e^S) over (q e^S)
+            b_l2 = tl.reshape(tl.permute(tl.join(b_ks * b_es, b_qs * b_es), (2, 0, 1)), (2 * BC, BK))
+            b_A2 += tl.dot(b_l2, tl.trans(b_kr), input_precision=DOT_PREC)
 
         # diagonal sub-block, element by element, all (i, j) pairs at once:
-        # D[i, j, c] = sum_{s=j+1}^{i} g_sc for j <= i, a cumulative sum down i of g masked to
-        # rows i > j (so exp(D) <= 1); the sum over c waits for the loop's end (a sum across lanes)
+        # E[i, j, c] = exp(sum_{s=j+1}^{i} g_sc) = prod_{s=j+1}^{i} exp(g_sc) for j <= i, a
+        # cumulative product down i of exp(g) set to 1 on rows i <= j (so E <= 1; pairs j > i are
+        # masked after the loop); the sum over c also waits for the loop's end (a sum across lanes)
         # [BC, BC, BK]
-        b_D = tl.cumsum(tl.where(m_lt[:, :, None], b_gs[:, None, :], 0.0), 0)
-        b_E = tl.where(m_le[:, :, None], tl.exp(b_D), 0.0) * b_ks[None, :, :]
+        b_E = tl.cumprod(tl.where(m_lt[:, :, None], tl.exp(b_gs)[:, None, :], 1.0), 0) * b_ks[None, :, :]
         b_Akk_d3 += b_ks[:, None, :] * b_E
         b_Aqk_d3 += b_qs[:, None, :] * b_E
 
+    # [BC, BT]
+    b_Akk, b_Aqk = tl.split(tl.permute(tl.reshape(b_A2, (2, BC, BT)), (1, 2, 0)))
     # [BC, BC]
     b_Akk_d = tl.sum(b_Akk_d3, 2)
     b_Aqk_d = tl.sum(b_Aqk_d3, 2)
@@ -172,7 +174,7 @@ def _kda_chunk_intra_kernel(
     b_Akk = b_Akk * b_beta[:, None]
     b_Aqk = b_Aqk * scale
     b_Akk_d = tl.where(m_lt, b_Akk_d, 0.0) * b_beta[:, None]
-    b_Aqk_d = b_Aqk_d * scale
+    b_Aqk_d = tl.where(m_le, b_Aqk_d, 0.0) * scale
     # Akk, Aqk: head-major [HV, rows, BT]; the diagonal sub-block's columns are stored apart
     o_row = (i_hv * R + row_base + t_i) * BT
     m_s = m_i[:, None] & ((o_t < r) | (o_t >= r + BC))[None, :]
