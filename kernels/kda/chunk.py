@@ -153,7 +153,8 @@ def _kda_chunk_intra_kernel(
             b_es = tl.exp(tl.cumsum(b_gs, 0))
             # [2 BC, BK] (k e^S) over (q e^S)
             b_l2 = tl.reshape(tl.permute(tl.join(b_ks * b_es, b_qs * b_es), (2, 0, 1)), (2 * BC, BK))
-            b_A2 += tl.dot(b_l2, tl.trans(b_kr), input_precision=DOT_PREC)
+            kr_hi, kr_lo = _split(tl.trans(b_kr), DOT_PREC == "tf32x3")
+            b_A2 = _dot_state(b_l2, kr_hi, kr_lo, b_A2, DOT_PREC == "tf32x3", DOT_PREC)
 
         # diagonal sub-block, element by element, all (i, j) pairs at once:
         # E[i, j, c] = exp(sum_{s=j+1}^{i} g_sc) = prod_{s=j+1}^{i} exp(g_sc) for j <= i, a
@@ -233,10 +234,20 @@ def _kda_chunk_wu_kernel(
         b_Z = tl.where(m_r[:, None] & m_same, b_a[None, :], b_Z)
     b_I = tl.where(o_t[:, None] == o_t[None, :], 1.0, 0.0)
     b_Yd = b_Z + b_I
-    b_N = tl.dot(b_Yd, tl.where(m_same, 0.0, b_Akk), input_precision=DOT_PREC)
-    b_N2 = tl.dot(b_N, b_N, input_precision=DOT_PREC)
-    b_P = b_I - b_N + b_N2 - tl.dot(b_N, b_N2, input_precision=DOT_PREC)
-    b_A = tl.dot(b_P, b_Yd, input_precision=DOT_PREC)
+    # 3xTF32 products on operands split once each (_split: cheaper than the per-product split of
+    # input_precision="tf32x3", and A's split serves all of w and u)
+    SPLIT: tl.constexpr = DOT_PREC == "tf32x3"
+    yd_hi, yd_lo = _split(b_Yd, SPLIT)
+    ao_hi, ao_lo = _split(tl.where(m_same, 0.0, b_Akk), SPLIT)
+    b_N = _dot_pair(yd_hi, yd_lo, ao_hi, ao_lo, tl.zeros([BT, BT], dtype=tl.float32), SPLIT, DOT_PREC)
+    n_hi, n_lo = _split(b_N, SPLIT)
+    b_N2 = _dot_pair(n_hi, n_lo, n_hi, n_lo, tl.zeros([BT, BT], dtype=tl.float32), SPLIT, DOT_PREC)
+    n2_hi, n2_lo = _split(b_N2, SPLIT)
+    b_P = b_I - b_N + b_N2 - _dot_pair(n_hi, n_lo, n2_hi, n2_lo, tl.zeros([BT, BT], dtype=tl.float32), SPLIT,
+                                       DOT_PREC)
+    p_hi, p_lo = _split(b_P, SPLIT)
+    b_A = _dot_pair(p_hi, p_lo, yd_hi, yd_lo, tl.zeros([BT, BT], dtype=tl.float32), SPLIT, DOT_PREC)
+    a_hi, a_lo = _split(b_A, SPLIT)
 
     # [BT]
     b_beta = tl.load(beta + i_b * s_b_b + i_hv * s_b_h + t_t * s_b_t, mask=m_t, other=0.0).to(tl.float32)
@@ -275,7 +286,8 @@ def _kda_chunk_wu_kernel(
         b_G = tl.cumsum(b_g, 0)
         # [BK] decay over the whole (valid part of the) chunk
         b_Gl = tl.sum(b_g, 0)
-        b_w = tl.dot(b_A, b_k * b_beta[:, None] * tl.exp(b_G), input_precision=DOT_PREC)
+        x_hi, x_lo = _split(b_k * b_beta[:, None] * tl.exp(b_G), SPLIT)
+        b_w = _dot_pair(a_hi, a_lo, x_hi, x_lo, tl.zeros([BT, BK], dtype=tl.float32), SPLIT, DOT_PREC)
         b_qg = b_q * tl.exp(b_G)
         b_g1 = tl.load(p_g1 + o_k[None, :] * s_g_k, mask=m_t1[:, None] & m_k[None, :], other=0.0).to(tl.float32)
         # exp(G_last - G_i) as exp(sum_{s=i+1}^{last} g_s): a sum, not a difference of cumulative sums
@@ -293,7 +305,8 @@ def _kda_chunk_wu_kernel(
         m_tv = m_t[:, None] & (o_v < V)[None, :]
         # [BT, BV]
         b_v = tl.load(p_v + o_v[None, :] * s_v_v, mask=m_tv, other=0.0).to(tl.float32)
-        b_u = tl.dot(b_A, b_v * b_beta[:, None], input_precision=DOT_PREC)
+        x_hi, x_lo = _split(b_v * b_beta[:, None], SPLIT)
+        b_u = _dot_pair(a_hi, a_lo, x_hi, x_lo, tl.zeros([BT, BV], dtype=tl.float32), SPLIT, DOT_PREC)
         # padding columns [V, VS) hold zeros
         tl.store(u + o_row[:, None] * VS + o_v[None, :], cast_to(b_u, u.dtype.element_ty, EXACT_ROUNDING),
                  mask=m_t[:, None] & (o_v < VS)[None, :])
@@ -322,17 +335,24 @@ def _split(x, SPLIT: tl.constexpr):
 
 
 @triton.jit
-def _dot_state(a, b_hi, b_lo, acc, SPLIT: tl.constexpr, DOT_PREC: tl.constexpr):
-    """acc + a b in float32 operands. SPLIT: 3xTF32 on a B operand already split by _split (a
-    split shared by every product that reads it: each split operand is one copy to shared
-    memory); otherwise one product at DOT_PREC on b_hi (the unsplit B)."""
+def _dot_pair(a_hi, a_lo, b_hi, b_lo, acc, SPLIT: tl.constexpr, DOT_PREC: tl.constexpr):
+    """acc + a b on operands split by _split: 3xTF32 with SPLIT (the halves' three products, small
+    terms first), else one product at DOT_PREC on the unsplit a_hi, b_hi."""
     if SPLIT:
-        a_hi, a_lo = _split(a, True)
         acc = tl.dot(a_lo, b_hi, acc, input_precision="tf32")
         acc = tl.dot(a_hi, b_lo, acc, input_precision="tf32")
         return tl.dot(a_hi, b_hi, acc, input_precision="tf32")
     else:
-        return tl.dot(a, b_hi, acc, input_precision=DOT_PREC)
+        return tl.dot(a_hi, b_hi, acc, input_precision=DOT_PREC)
+
+
+@triton.jit
+def _dot_state(a, b_hi, b_lo, acc, SPLIT: tl.constexpr, DOT_PREC: tl.constexpr):
+    """acc + a b in float32 operands. SPLIT: 3xTF32 on a B operand already split by _split (a
+    split shared by every product that reads it: each split operand is one copy to shared
+    memory); otherwise one product at DOT_PREC on b_hi (the unsplit B)."""
+    a_hi, a_lo = _split(a, SPLIT)
+    return _dot_pair(a_hi, a_lo, b_hi, b_lo, acc, SPLIT, DOT_PREC)
 
 
 @triton.jit
