@@ -225,11 +225,13 @@ def _kda_chunk_wu_kernel(
     b_Akk = tl.load(Akk + o_row[:, None] * BT + o_t[None, :], mask=m_t[:, None], other=0.0)
     b_Akk = tl.where(o_t[:, None] > o_t[None, :], b_Akk, 0.0)
     b_Z = tl.where(m_same, -b_Akk, 0.0)
-    b_nAd = b_Z  # -Ad (b_Z is overwritten row by row below)
     for ii in range(1, BC):
         m_r = (o_t % BC) == ii
-        # [BT] row ii of every block of -Ad
-        b_a = tl.sum(tl.where(m_r[:, None], b_nAd, 0.0), 0)
+        # [BT] row ii of every block of -Ad (columns j of row 16 (j // 16) + ii), read again (from
+        # the cache) rather than picked out of the register tile by a sum across warps
+        t_a = t0 + (o_t // BC) * BC + ii
+        b_a = -tl.load(Akk + (i_hv * R + row_base + t_a) * BT + o_t, mask=(t_a < eos) & ((o_t % BC) < ii),
+                       other=0.0)
         b_a = b_a + tl.sum(b_a[:, None] * b_Z, 0)
         b_Z = tl.where(m_r[:, None] & m_same, b_a[None, :], b_Z)
     b_I = tl.where(o_t[:, None] == o_t[None, :], 1.0, 0.0)
