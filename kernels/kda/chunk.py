@@ -399,15 +399,20 @@ def _state_step(b_h, b_gl, p_kg, off, i_k, m_t, u_hi, u_lo, SPLIT: tl.constexpr,
 
 
 @triton.jit
-def _chunk_step(b_h1, b_h2, b_h3, b_h4, w, u, qg, kg, gl, Aqk, o, r0, o_r0, g_row, t0, eos, off_k, off_u, off_a,
-                o_t, o_v, m_v, KS: tl.constexpr, VS: tl.constexpr, V, HV,
+def _chunk_step(b_h1, b_h2, b_h3, b_h4, w, u, qg, kg, gl, Aqk, o, i_t, bos, eos, row_base, slot0, i_hv, R,
+                off_k, off_u, off_a, o_t, o_v, m_v, KS: tl.constexpr, VS: tl.constexpr, V, HV,
                 BT: tl.constexpr, BKS: tl.constexpr, NK: tl.constexpr, BV: tl.constexpr, MASKED: tl.constexpr,
                 O_HI: tl.constexpr, SPLIT: tl.constexpr, DOT_PREC: tl.constexpr, EXACT_ROUNDING: tl.constexpr):
-    """One chunk: writes its o rows and returns the state row blocks (b_h1 .. b_h4, NK of them
-    used) at its end. r0, o_r0: int64 row of the chunk's first token t0 (and the value head) in
-    the head-major intermediates and in o, g_row: element offset of its exp(G_last) row; MASKED:
-    a last partial chunk (rows at and past eos read as 0 and are not written)."""
+    """Chunk i_t of the sequence [bos, eos): writes its o rows and returns the state row blocks
+    (b_h1 .. b_h4, NK of them used) at its end. MASKED: a last partial chunk (rows at and past eos
+    read as 0 and are not written)."""
+    t0 = bos + i_t * BT
     m_t = (t0 + o_t) < eos
+    # int64 rows of the chunk's first token (and the value head) in the head-major intermediates
+    # and in o; element offset of its exp(G_last) row
+    r0 = i_hv * R + row_base + t0
+    o_r0 = (row_base + t0) * HV + i_hv
+    g_row = ((slot0 + i_t) * HV + i_hv) * KS
     p_w, p_qg, p_kg = w + r0 * KS, qg + r0 * KS, kg + r0 * KS
     # [BKS] exp(G_last), loaded first: these loads stay synchronous when the others pipeline
     b_gl1 = _load_decay(gl + g_row, 0, BKS)
@@ -519,19 +524,13 @@ def _kda_chunk_fwd_kernel(
     # whole chunks unmasked, then a last partial chunk with its rows masked
     n_full = (eos - bos) // BT
     for i_t in range(0, n_full):
-        t0 = bos + i_t * BT
         b_h1, b_h2, b_h3, b_h4 = _chunk_step(
-            b_h1, b_h2, b_h3, b_h4, w, u, qg, kg, gl, Aqk, o,
-            i_hv * R + row_base + t0, (row_base + t0) * HV + i_hv, ((slot0 + i_t) * HV + i_hv) * KS, t0, eos,
-            off_k, off_u, off_a, o_t, o_v, m_v, KS, VS, V, HV,
-            BT, BKS, NK, BV, False, O_HI, SPLIT, DOT_PREC, EXACT_ROUNDING)
+            b_h1, b_h2, b_h3, b_h4, w, u, qg, kg, gl, Aqk, o, i_t, bos, eos, row_base, slot0, i_hv, R, off_k, off_u,
+            off_a, o_t, o_v, m_v, KS, VS, V, HV, BT, BKS, NK, BV, False, O_HI, SPLIT, DOT_PREC, EXACT_ROUNDING)
     if n_full * BT < eos - bos:
-        t0 = bos + n_full * BT
         b_h1, b_h2, b_h3, b_h4 = _chunk_step(
-            b_h1, b_h2, b_h3, b_h4, w, u, qg, kg, gl, Aqk, o,
-            i_hv * R + row_base + t0, (row_base + t0) * HV + i_hv, ((slot0 + n_full) * HV + i_hv) * KS, t0, eos,
-            off_k, off_u, off_a, o_t, o_v, m_v, KS, VS, V, HV,
-            BT, BKS, NK, BV, True, O_HI, SPLIT, DOT_PREC, EXACT_ROUNDING)
+            b_h1, b_h2, b_h3, b_h4, w, u, qg, kg, gl, Aqk, o, n_full, bos, eos, row_base, slot0, i_hv, R, off_k,
+            off_u, off_a, o_t, o_v, m_v, KS, VS, V, HV, BT, BKS, NK, BV, True, O_HI, SPLIT, DOT_PREC, EXACT_ROUNDING)
 
     if STORE_FINAL_STATE:
         _store_block(ht, b_h1, 0, i_n, i_hv, o_v, HV, K, V, BKS)
