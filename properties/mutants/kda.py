@@ -87,6 +87,17 @@ padding_unwritten = _entry(
     "padding_unwritten", CHUNK,
     ("m_out = m_t[:, None] & (o_k < KS)[None, :]", "m_out = m_t[:, None] & (o_k < K)[None, :]"))
 
+# the intra-chunk diagonal sub-block keeps Aqk's pairs j > i: its cumulative products are 1 there
+# (not 0), and only the mask after the loop removes them
+aqk_upper_unmasked = _entry(
+    "aqk_upper_unmasked", CHUNK,
+    ("b_Aqk_d = tl.where(m_le, b_Aqk_d, 0.0) * scale", "b_Aqk_d = b_Aqk_d * scale"))
+
+# the joined off-diagonal product's halves taken in the wrong order: Akk gets q's rows, Aqk k's
+joined_halves_swapped = _entry(
+    "joined_halves_swapped", CHUNK,
+    ("b_Akk, b_Aqk = tl.split(", "b_Aqk, b_Akk = tl.split("))
+
 # g's dtype is never checked (a float32 copy is validated instead; the kernel reads g as given)
 g_dtype_unchecked = _entry(
     "g_dtype_unchecked", CHUNK,
@@ -120,4 +131,8 @@ MUTANTS = {
     "padding_unwritten": ("padding_unwritten", ("test_equivalence", "test_forms_agree"),
                           "chunk: the intermediates' padding columns past K are left unwritten"),
     "g_dtype_unchecked": ("g_dtype_unchecked", ("test_bad_input_rejected",), "g's dtype is not checked"),
+    "aqk_upper_unmasked": ("aqk_upper_unmasked", ("test_equivalence", "test_forms_agree"),
+                           "chunk: Aqk's diagonal sub-block keeps its pairs j > i"),
+    "joined_halves_swapped": ("joined_halves_swapped", ("test_equivalence", "test_forms_agree"),
+                              "chunk: the joined Akk/Aqk product's halves are swapped"),
 }
