@@ -14,7 +14,8 @@ no NaN/inf; and each difference is computed as the sum sum_{s=j+1}^{i} g_s, neve
 sub-block's first row r: exp(sum_{s=r}^{i} g_s) exp(sum_{s=j+1}^{r-1} g_s), both factors <= 1, and run
 on tensor cores; the diagonal sub-blocks are formed element by element (all pairs of rows at once).
 
-Kernels: _kda_chunk_intra_kernel (Akk, Aqk; parallel over chunks x 16-row sub-blocks x heads),
+Kernels: _kda_chunk_intra_kernel (Akk, Aqk, and with use_qk_l2norm the rows' q and k norms;
+parallel over chunks x 16-row sub-blocks x heads),
 _kda_chunk_wu_kernel (solve, w, u, q exp(G), k exp(G_last - G), exp(G_last); parallel over chunks x
 heads), _kda_chunk_fwd_kernel (sequential over the chunks of one (sequence, value head, V tile),
 float32 state in registers as row blocks of 64, writes o and the final state). Value head hv reads
@@ -65,7 +66,7 @@ def _chunk_coords(i_t, i_nh, chunk_indices, cu_seqlens, T, HV, GROUP, IS_VARLEN:
 
 @triton.jit(do_not_specialize=["T", "HV", "GROUP", "R"])
 def _kda_chunk_intra_kernel(
-    q, k, g, beta, Akk, Aqk, chunk_indices, cu_seqlens,
+    q, k, g, beta, Akk, Aqk, nrm, chunk_indices, cu_seqlens,
     scale, T, HV, K, GROUP, R,
     s_q_b, s_q_t, s_q_h, s_q_k,
     s_k_b, s_k_t, s_k_h, s_k_k,
@@ -114,6 +115,9 @@ def _kda_chunk_intra_kernel(
         b_rkf = 1.0 / tl.sqrt(b_skf + 1e-6)
         b_rks = 1.0 / tl.sqrt(b_sks + 1e-6)
         b_rqs = 1.0 / tl.sqrt(b_sqs + 1e-6)
+        # the sub-block's norms, for the WY/UT kernel: nrm [2, HV, rows] (k's, then q's)
+        tl.store(nrm + i_hv * R + row_base + t_i, b_rks, mask=m_i)
+        tl.store(nrm + (HV + i_hv) * R + row_base + t_i, b_rqs, mask=m_i)
 
     # [2 BC, BT] columns of earlier sub-blocks (the rest stays 0): Akk's rows over Aqk's, one product
     b_A2 = tl.zeros([2 * BC, BT], dtype=tl.float32)
@@ -189,7 +193,7 @@ def _kda_chunk_intra_kernel(
 
 @triton.jit(do_not_specialize=["T", "HV", "GROUP", "NT", "R"])
 def _kda_chunk_wu_kernel(
-    q, k, v, g, beta, Akk, w, u, qg, kg, gl, chunk_indices, cu_seqlens,
+    q, k, v, g, beta, Akk, nrm, w, u, qg, kg, gl, chunk_indices, cu_seqlens,
     scale, T, HV, K, V, GROUP, NT, R, KS: tl.constexpr, VS: tl.constexpr,
     s_q_b, s_q_t, s_q_h, s_q_k,
     s_k_b, s_k_t, s_k_h, s_k_k,
@@ -259,20 +263,12 @@ def _kda_chunk_wu_kernel(
     # rows shifted by one, for the suffix sums sum_{s=i+1}^{last} g_s
     m_t1 = ((o_t + 1) < BT) & ((t0 + o_t + 1) < eos)
     p_g1 = g + i_b * s_g_b + i_hv * s_g_h + tl.where(m_t1, t0 + o_t + 1, bos)[:, None] * s_g_t
+    # [BT] reciprocal L2 norms of the rows of k and q (from the intra-chunk kernel)
     b_rk = tl.full([BT], 1.0, dtype=tl.float32)
     b_rq = tl.full([BT], 1.0, dtype=tl.float32)
     if USE_QK_L2NORM:
-        b_sk = tl.zeros([BT], dtype=tl.float32)
-        b_sq = tl.zeros([BT], dtype=tl.float32)
-        for i_k in range(0, tl.cdiv(K, BK)):
-            o_k = i_k * BK + tl.arange(0, BK)
-            m_tk = m_t[:, None] & (o_k < K)[None, :]
-            b_k = tl.load(p_k + o_k[None, :] * s_k_k, mask=m_tk, other=0.0).to(tl.float32)
-            b_q = tl.load(p_q + o_k[None, :] * s_q_k, mask=m_tk, other=0.0).to(tl.float32)
-            b_sk += tl.sum(b_k * b_k, 1)
-            b_sq += tl.sum(b_q * b_q, 1)
-        b_rk = 1.0 / tl.sqrt(b_sk + 1e-6)
-        b_rq = 1.0 / tl.sqrt(b_sq + 1e-6)
+        b_rk = tl.load(nrm + o_row, mask=m_t, other=0.0)
+        b_rq = tl.load(nrm + (HV + i_hv) * R + row_base + t_t, mask=m_t, other=0.0)
     b_rq = b_rq * scale
 
     # over the padded width KS: the padding columns [K, KS) are written as zeros (k, q and g load as
@@ -691,12 +687,15 @@ def chunk_kda(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor
     o = torch.empty((B, T, HV, V), dtype=q.dtype, device=dev)
     ht = torch.empty((N, HV, K, V), dtype=torch.float32, device=dev) if output_final_state else None
     dummy = o
+    # reciprocal L2 norms of q and k per value head and row (k's, then q's): the intra-chunk kernel
+    # computes them, the WY/UT kernel reads them
+    nrm = torch.empty((2, HV, rows), dtype=f32, device=dev) if use_qk_l2norm else dummy
     ci = chunk_indices if is_varlen else dummy
     cs = cu_seqlens if is_varlen else dummy
     exact = interpreting()
 
     _kda_chunk_intra_kernel[(NT * (BT // BC), grid_cols)](
-        q, k, g, beta, Akk, Aqk, ci, cs,
+        q, k, g, beta, Akk, Aqk, nrm, ci, cs,
         d.scale, T, HV, K, HV // d.H, rows,
         *q.stride(), *k.stride(), *g.stride(), *beta.stride(),
         BT=BT, BC=BC, BK=cfg["BK_I"], IS_VARLEN=is_varlen, USE_QK_L2NORM=use_qk_l2norm,
@@ -704,7 +703,7 @@ def chunk_kda(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor
         maxnreg=cfg["maxnreg_intra"],
     )
     _kda_chunk_wu_kernel[(NT, grid_cols)](
-        q, k, v, g, beta, Akk, w, u, qg, kg, gl, ci, cs,
+        q, k, v, g, beta, Akk, nrm, w, u, qg, kg, gl, ci, cs,
         d.scale, T, HV, K, V, HV // d.H, NT, rows, KS, VS,
         *q.stride(), *k.stride(), *v.stride(), *g.stride(), *beta.stride(),
         BT=BT, BC=BC, BK=cfg["BK_W"], BV=cfg["BV_W"], IS_VARLEN=is_varlen, USE_QK_L2NORM=use_qk_l2norm,

@@ -98,6 +98,12 @@ joined_halves_swapped = _entry(
     "joined_halves_swapped", CHUNK,
     ("b_Akk, b_Aqk = tl.split(", "b_Aqk, b_Akk = tl.split("))
 
+# the WY/UT kernel reads q's L2 norms (written by the intra-chunk kernel) for k's rows
+norms_swapped = _entry(
+    "norms_swapped", CHUNK,
+    ("b_rk = tl.load(nrm + o_row, mask=m_t, other=0.0)",
+     "b_rk = tl.load(nrm + (HV + i_hv) * R + row_base + t_t, mask=m_t, other=0.0)"))
+
 # g's dtype is never checked (a float32 copy is validated instead; the kernel reads g as given)
 g_dtype_unchecked = _entry(
     "g_dtype_unchecked", CHUNK,
@@ -135,4 +141,6 @@ MUTANTS = {
                            "chunk: Aqk's diagonal sub-block keeps its pairs j > i"),
     "joined_halves_swapped": ("joined_halves_swapped", ("test_equivalence", "test_forms_agree"),
                               "chunk: the joined Akk/Aqk product's halves are swapped"),
+    "norms_swapped": ("norms_swapped", ("test_equivalence", "test_forms_agree"),
+                      "chunk: the WY/UT kernel scales k's rows by q's L2 norms"),
 }
