@@ -297,7 +297,9 @@ def _kda_chunk_wu_kernel(
         m_out = m_t[:, None] & (o_k < KS)[None, :]
         tl.store(w + p_out, cast_to(b_w, w.dtype.element_ty, EXACT_ROUNDING), mask=m_out)
         tl.store(qg + p_out, cast_to(b_qg, qg.dtype.element_ty, EXACT_ROUNDING), mask=m_out)
-        tl.store(kg + p_out, cast_to(b_kg, kg.dtype.element_ty, EXACT_ROUNDING), mask=m_out)
+        # transposed per chunk slot, [KS, BT], zero past the sequence's end (b_k loads 0 there)
+        tl.store(kg + ((i_slot * HV + i_hv) * KS + o_k[:, None]) * BT + o_t[None, :],
+                 cast_to(tl.trans(b_kg), kg.dtype.element_ty, EXACT_ROUNDING), mask=(o_k < KS)[:, None])
         tl.store(gl + (i_slot * HV + i_hv) * KS + o_k, tl.exp(b_Gl), mask=o_k < KS)
 
     p_v = v + i_b * s_v_b + i_hv * s_v_h + t_t[:, None] * s_v_t
@@ -389,17 +391,19 @@ def _load_decay(p_gl, i_k, BKS: tl.constexpr):
 
 
 @triton.jit
-def _state_step(b_h, b_gl, p_kg, off, i_k, m_t, u_hi, u_lo, SPLIT: tl.constexpr, DOT_PREC: tl.constexpr,
-                BKS: tl.constexpr, MASKED: tl.constexpr):
-    """State rows block i_k at the chunk's end: diag(exp(G_last)) S + (k exp(G_last - G))^T U."""
-    # [BT, BKS]
-    b_kg = _load_tile(p_kg, off, i_k, m_t, BKS, MASKED)
-    return b_h * b_gl[:, None] + _dot_state(tl.trans(b_kg), u_hi, u_lo, tl.zeros_like(b_h), SPLIT, DOT_PREC)
+def _state_step(b_h, b_gl, p_kgt, off_t, i_k, u_hi, u_lo, SPLIT: tl.constexpr, DOT_PREC: tl.constexpr,
+                BT: tl.constexpr, BKS: tl.constexpr):
+    """State rows block i_k at the chunk's end: diag(exp(G_last)) S + (k exp(G_last - G))^T U.
+    p_kgt: the chunk's (k exp(G_last - G))^T [KS, BT], stored transposed and zero past the sequence's
+    end, so the product's A operand loads K-major, whole and unmasked."""
+    # [BKS, BT]
+    b_kgt = tl.load(p_kgt + off_t + i_k * BKS * BT)
+    return b_h * b_gl[:, None] + _dot_state(b_kgt, u_hi, u_lo, tl.zeros_like(b_h), SPLIT, DOT_PREC)
 
 
 @triton.jit
 def _chunk_step(b_h1, b_h2, b_h3, b_h4, w, u, qg, kg, gl, Aqk, o, i_t, bos, eos, row_base, slot0, i_hv, R,
-                off_k, off_u, off_a, o_t, o_v, m_v, KS: tl.constexpr, VS: tl.constexpr, V, HV,
+                off_k, off_kt, off_u, off_a, o_t, o_v, m_v, KS: tl.constexpr, VS: tl.constexpr, V, HV,
                 BT: tl.constexpr, BKS: tl.constexpr, NK: tl.constexpr, BV: tl.constexpr, MASKED: tl.constexpr,
                 O_HI: tl.constexpr, SPLIT: tl.constexpr, DOT_PREC: tl.constexpr, EXACT_ROUNDING: tl.constexpr):
     """Chunk i_t of the sequence [bos, eos): writes its o rows and returns the state row blocks
@@ -412,7 +416,7 @@ def _chunk_step(b_h1, b_h2, b_h3, b_h4, w, u, qg, kg, gl, Aqk, o, i_t, bos, eos,
     r0 = i_hv * R + row_base + t0
     o_r0 = (row_base + t0) * HV + i_hv
     g_row = ((slot0 + i_t) * HV + i_hv) * KS
-    p_w, p_qg, p_kg = w + r0 * KS, qg + r0 * KS, kg + r0 * KS
+    p_w, p_qg, p_kgt = w + r0 * KS, qg + r0 * KS, kg + g_row * BT
     # [BKS] exp(G_last), loaded first: these loads stay synchronous when the others pipeline
     b_gl1 = _load_decay(gl + g_row, 0, BKS)
     if NK >= 2:
@@ -457,12 +461,12 @@ def _chunk_step(b_h1, b_h2, b_h3, b_h4, w, u, qg, kg, gl, Aqk, o, i_t, bos, eos,
     else:
         tl.store(p_o, b_o, mask=m_v[None, :])
 
-    b_h1 = _state_step(b_h1, b_gl1, p_kg, off_k, 0, m_t, u_hi, u_lo, SPLIT, DOT_PREC, BKS, MASKED)
+    b_h1 = _state_step(b_h1, b_gl1, p_kgt, off_kt, 0, u_hi, u_lo, SPLIT, DOT_PREC, BT, BKS)
     if NK >= 2:
-        b_h2 = _state_step(b_h2, b_gl2, p_kg, off_k, 1, m_t, u_hi, u_lo, SPLIT, DOT_PREC, BKS, MASKED)
+        b_h2 = _state_step(b_h2, b_gl2, p_kgt, off_kt, 1, u_hi, u_lo, SPLIT, DOT_PREC, BT, BKS)
     if NK >= 4:
-        b_h3 = _state_step(b_h3, b_gl3, p_kg, off_k, 2, m_t, u_hi, u_lo, SPLIT, DOT_PREC, BKS, MASKED)
-        b_h4 = _state_step(b_h4, b_gl4, p_kg, off_k, 3, m_t, u_hi, u_lo, SPLIT, DOT_PREC, BKS, MASKED)
+        b_h3 = _state_step(b_h3, b_gl3, p_kgt, off_kt, 2, u_hi, u_lo, SPLIT, DOT_PREC, BT, BKS)
+        b_h4 = _state_step(b_h4, b_gl4, p_kgt, off_kt, 3, u_hi, u_lo, SPLIT, DOT_PREC, BT, BKS)
     return b_h1, b_h2, b_h3, b_h4
 
 
@@ -504,6 +508,7 @@ def _kda_chunk_fwd_kernel(
     # chunk-relative element offsets of the head-major intermediates: compile-time constants
     # [BT, BKS], [BT, BV], [BT, BT]
     off_k = o_t[:, None] * KS + tl.arange(0, BKS)[None, :]
+    off_kt = tl.arange(0, BKS)[:, None] * BT + o_t[None, :]  # [BKS, BT]
     off_u = o_t[:, None] * VS + o_v[None, :]
     off_a = o_t[:, None] * BT + o_t[None, :]
     # [BKS, BV] state row blocks
@@ -524,12 +529,12 @@ def _kda_chunk_fwd_kernel(
     n_full = (eos - bos) // BT
     for i_t in range(0, n_full):
         b_h1, b_h2, b_h3, b_h4 = _chunk_step(
-            b_h1, b_h2, b_h3, b_h4, w, u, qg, kg, gl, Aqk, o, i_t, bos, eos, row_base, slot0, i_hv, R, off_k, off_u,
-            off_a, o_t, o_v, m_v, KS, VS, V, HV, BT, BKS, NK, BV, False, O_HI, SPLIT, DOT_PREC, EXACT_ROUNDING)
+            b_h1, b_h2, b_h3, b_h4, w, u, qg, kg, gl, Aqk, o, i_t, bos, eos, row_base, slot0, i_hv, R, off_k, off_kt,
+            off_u, off_a, o_t, o_v, m_v, KS, VS, V, HV, BT, BKS, NK, BV, False, O_HI, SPLIT, DOT_PREC, EXACT_ROUNDING)
     if n_full * BT < eos - bos:
         b_h1, b_h2, b_h3, b_h4 = _chunk_step(
             b_h1, b_h2, b_h3, b_h4, w, u, qg, kg, gl, Aqk, o, n_full, bos, eos, row_base, slot0, i_hv, R, off_k,
-            off_u, off_a, o_t, o_v, m_v, KS, VS, V, HV, BT, BKS, NK, BV, True, O_HI, SPLIT, DOT_PREC, EXACT_ROUNDING)
+            off_kt, off_u, off_a, o_t, o_v, m_v, KS, VS, V, HV, BT, BKS, NK, BV, True, O_HI, SPLIT, DOT_PREC, EXACT_ROUNDING)
 
     if STORE_FINAL_STATE:
         _store_block(ht, b_h1, 0, i_n, i_hv, o_v, HV, K, V, BKS)
@@ -684,7 +689,7 @@ def chunk_kda(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor
     Aqk = torch.empty((HV, rows, BT), dtype=o_path, device=dev)
     w = torch.empty((HV, rows, KS), dtype=f32, device=dev)
     qg = torch.empty((HV, rows, KS), dtype=o_path, device=dev)
-    kg = torch.empty((HV, rows, KS), dtype=f32, device=dev)
+    kg = torch.empty((n_slots, HV, KS, BT), dtype=f32, device=dev)  # transposed per chunk
     u = torch.empty((HV, rows, VS), dtype=f32, device=dev)
     gl = torch.empty((n_slots, HV, KS), dtype=torch.float32, device=dev)
     o = torch.empty((B, T, HV, V), dtype=q.dtype, device=dev)

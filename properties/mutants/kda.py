@@ -32,8 +32,8 @@ decay_after_update_recurrent = _entry(
      "        b_h += b_k[:, None] * b_u[None, :]\n        b_h = b_h * tl.exp(b_g)[:, None]\n"))
 decay_after_update_chunk = _entry(
     "decay_after_update_chunk", CHUNK,
-    ("return b_h * b_gl[:, None] + _dot_state(tl.trans(b_kg), u_hi, u_lo, tl.zeros_like(b_h), SPLIT, DOT_PREC)",
-     "return (b_h + _dot_state(tl.trans(b_kg), u_hi, u_lo, tl.zeros_like(b_h), SPLIT, DOT_PREC)) * b_gl[:, None]"))
+    ("return b_h * b_gl[:, None] + _dot_state(b_kgt, u_hi, u_lo, tl.zeros_like(b_h), SPLIT, DOT_PREC)",
+     "return (b_h + _dot_state(b_kgt, u_hi, u_lo, tl.zeros_like(b_h), SPLIT, DOT_PREC)) * b_gl[:, None]"))
 
 # varlen: each sequence's program starts at the first token of the pack, so the state carries
 # the previous sequences' tokens instead of resetting at the boundary
