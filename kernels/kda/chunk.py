@@ -20,8 +20,10 @@ _kda_chunk_wu_kernel (solve, w, u, q exp(G), k exp(G_last - G), exp(G_last); par
 heads), _kda_chunk_fwd_kernel (sequential over the chunks of one (sequence, value head, V tile),
 float32 state in registers as row blocks of 64, writes o and the final state). Value head hv reads
 q/k head hv // (HV // H). Intermediates are head-major [HV, rows, *] (a chunk's tile is
-contiguous), their row widths padded to powers of two (whole state-kernel tiles); with cu_seqlens a
-device-side table maps each chunk slot to (sequence, chunk), so the launcher never synchronises.
+contiguous), their row widths padded to powers of two (whole state-kernel tiles); k exp(G_last - G)
+is stored transposed per chunk slot, [slots, HV, KS, 64] (the state update's A operand, K-major);
+with cu_seqlens a device-side table maps each chunk slot to (sequence, chunk), so the launcher
+never synchronises.
 """
 import functools
 from typing import Optional
