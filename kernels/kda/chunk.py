@@ -536,7 +536,8 @@ def _kda_chunk_fwd_kernel(
     if n_full * BT < eos - bos:
         b_h1, b_h2, b_h3, b_h4 = _chunk_step(
             b_h1, b_h2, b_h3, b_h4, w, u, qg, kg, gl, Aqk, o, n_full, bos, eos, row_base, slot0, i_hv, R, off_k,
-            off_kt, off_u, off_a, o_t, o_v, m_v, KS, VS, V, HV, BT, BKS, NK, BV, True, O_HI, SPLIT, DOT_PREC, EXACT_ROUNDING)
+            off_kt, off_u, off_a, o_t, o_v, m_v, KS, VS, V, HV, BT, BKS, NK, BV, True, O_HI, SPLIT, DOT_PREC,
+            EXACT_ROUNDING)
 
     if STORE_FINAL_STATE:
         _store_block(ht, b_h1, 0, i_n, i_hv, o_v, HV, K, V, BKS)
