@@ -104,6 +104,11 @@ norms_swapped = _entry(
     ("b_rk = tl.load(nrm + o_row, mask=m_t, other=0.0)",
      "b_rk = tl.load(nrm + (HV + i_hv) * R + row_base + t_t, mask=m_t, other=0.0)"))
 
+# the UT solve's forward substitution sums Z over the wrong axis of the stacked diagonal blocks
+substitution_wrong_axis = _entry(
+    "substitution_wrong_axis", CHUNK,
+    ("b_a = b_a + tl.sum(b_a[:, :, None] * b_Z3, 1)", "b_a = b_a + tl.sum(b_a[:, :, None] * b_Z3, 2)"))
+
 # g's dtype is never checked (a float32 copy is validated instead; the kernel reads g as given)
 g_dtype_unchecked = _entry(
     "g_dtype_unchecked", CHUNK,
@@ -143,4 +148,6 @@ MUTANTS = {
                               "chunk: the joined Akk/Aqk product's halves are swapped"),
     "norms_swapped": ("norms_swapped", ("test_equivalence", "test_forms_agree"),
                       "chunk: the WY/UT kernel scales k's rows by q's L2 norms"),
+    "substitution_wrong_axis": ("substitution_wrong_axis", ("test_equivalence", "test_forms_agree"),
+                                "chunk: the UT substitution sums over the wrong axis"),
 }
