@@ -226,7 +226,7 @@ def _kda_chunk_wu_kernel(
     # 1. Yd = (I + Ad)^-1 by forward substitution on Z = Yd - I inside each diagonal block:
     #    Z[i] = -Ad[i] + sum_j (-Ad[i, j]) Z[j] (rows j < i of the block already final), on the stack
     #    of the NB diagonal blocks, row ii of every block in one step. (On the [BT, BT] tile, 3/4 of
-    #    each step's products were zeros off the blocks: sm_90a 222 -> 114 SASS per step; H100 WY/UT
+    #    each step's products were zeros off the blocks: sm_90a 222 -> 113 SASS per step; H100 WY/UT
     #    kernel 1.66 -> 1.59 ms at HV 16.)
     # 2. I + Akk = (I + Ad)(I + N) with N = Yd Ao strictly lower by blocks (N^4 = 0), so
     #    Y = (I + N)^-1 Yd = (I - N)(I + N^2) Yd.
