@@ -153,7 +153,7 @@ def main():
             if args.sweep:
                 # single changes to the default
                 configs += [dict(BV=16), dict(BV=32), dict(BV=64, warps_fwd=8),
-                            dict(stages_fwd=1), dict(maxnreg_intra=None),
+                            dict(stages_fwd=1), dict(maxnreg_diag=None),
                             dict(warps_intra=2), dict(BK_W=16), dict(BV_W=64)]
             fla_ms = None
             if fla is not None:

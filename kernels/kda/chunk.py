@@ -15,7 +15,8 @@ sub-block's first row r: exp(sum_{s=r}^{i} g_s) exp(sum_{s=j+1}^{r-1} g_s), both
 on tensor cores; the diagonal sub-blocks are formed element by element (all pairs of rows at once).
 
 Kernels: _kda_chunk_intra_kernel (Akk, Aqk, and with use_qk_l2norm the rows' q and k norms;
-parallel over chunks x 16-row sub-blocks x heads),
+parallel over chunks x 16-row sub-blocks x heads; launched twice, for the blocks off the diagonal
+and then for the diagonal sub-blocks),
 _kda_chunk_wu_kernel (solve, w, u, q exp(G), k exp(G_last - G), exp(G_last); parallel over chunks x
 heads), _kda_chunk_fwd_kernel (sequential over the chunks of one (sequence, value head, V tile),
 float32 state in registers as row blocks of 64, writes o and the final state). Value head hv reads
@@ -74,10 +75,15 @@ def _kda_chunk_intra_kernel(
     s_k_b, s_k_t, s_k_h, s_k_k,
     s_g_b, s_g_t, s_g_h, s_g_k,
     s_b_b, s_b_t, s_b_h,
-    BT: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr,
+    BT: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr, DIAG: tl.constexpr,
     IS_VARLEN: tl.constexpr, USE_QK_L2NORM: tl.constexpr, DOT_PREC: tl.constexpr,
     EXACT_ROUNDING: tl.constexpr,
 ):
+    """Rows [r, r + BC) of a chunk's Akk and Aqk, in one of two passes (launched one after the
+    other). DIAG: the diagonal sub-block (columns r .. r + BC - 1) and the rows' L2 norms. Else the
+    rest of the rows: the earlier sub-blocks' columns (j < r) and zeros past the diagonal block.
+    Apart, each pass keeps fewer registers live than the two together and more programs fit on an
+    SM (H100, the two passes against the one kernel: HV 16 2.01 -> 1.94 ms, HV 32 3.94 -> 3.84)."""
     NC: tl.constexpr = BT // BC
     i_tc, i_nh = tl.program_id(0).to(tl.int64), tl.program_id(1).to(tl.int64)
     i_t, i_c = i_tc // NC, i_tc % NC
@@ -97,7 +103,8 @@ def _kda_chunk_intra_kernel(
     p_qs = q + i_b * s_q_b + i_h * s_q_h + t_i[:, None] * s_q_t
     p_gs = g + i_b * s_g_b + i_hv * s_g_h + t_i[:, None] * s_g_t
 
-    # [BT], [BC]: reciprocal L2 norms of the chunk's k rows and the sub-block's q, k rows
+    # [BT], [BC]: reciprocal L2 norms of the chunk's k rows (off the diagonal) and the sub-block's
+    # q, k rows
     b_rkf = tl.full([BT], 1.0, dtype=tl.float32)
     b_rks = tl.full([BC], 1.0, dtype=tl.float32)
     b_rqs = tl.full([BC], 1.0, dtype=tl.float32)
@@ -108,18 +115,20 @@ def _kda_chunk_intra_kernel(
         for i_k in range(0, tl.cdiv(K, BK)):
             o_k = i_k * BK + tl.arange(0, BK)
             m_k = o_k < K
-            b_kf = tl.load(p_kf + o_k[None, :] * s_k_k, mask=m_t[:, None] & m_k[None, :], other=0.0).to(tl.float32)
+            if not DIAG:
+                b_kf = tl.load(p_kf + o_k[None, :] * s_k_k, mask=m_t[:, None] & m_k[None, :], other=0.0).to(tl.float32)
+                b_skf += tl.sum(b_kf * b_kf, 1)
             b_ks = tl.load(p_ks + o_k[None, :] * s_k_k, mask=m_i[:, None] & m_k[None, :], other=0.0).to(tl.float32)
             b_qs = tl.load(p_qs + o_k[None, :] * s_q_k, mask=m_i[:, None] & m_k[None, :], other=0.0).to(tl.float32)
-            b_skf += tl.sum(b_kf * b_kf, 1)
             b_sks += tl.sum(b_ks * b_ks, 1)
             b_sqs += tl.sum(b_qs * b_qs, 1)
         b_rkf = 1.0 / tl.sqrt(b_skf + 1e-6)
         b_rks = 1.0 / tl.sqrt(b_sks + 1e-6)
         b_rqs = 1.0 / tl.sqrt(b_sqs + 1e-6)
-        # the sub-block's norms, for the WY/UT kernel: nrm [2, HV, rows] (k's, then q's)
-        tl.store(nrm + i_hv * R + row_base + t_i, b_rks, mask=m_i)
-        tl.store(nrm + (HV + i_hv) * R + row_base + t_i, b_rqs, mask=m_i)
+        if DIAG:
+            # the sub-block's norms, for the WY/UT kernel: nrm [2, HV, rows] (k's, then q's)
+            tl.store(nrm + i_hv * R + row_base + t_i, b_rks, mask=m_i)
+            tl.store(nrm + (HV + i_hv) * R + row_base + t_i, b_rqs, mask=m_i)
 
     # [BT, 2 BC] transposed: columns of earlier sub-blocks (the rest stays 0) against Akk's rows, then
     # Aqk's, one product. Transposed, its 64 rows make it a warpgroup MMA (wgmma, the k e^S operand
@@ -147,9 +156,19 @@ def _kda_chunk_intra_kernel(
         b_qs = b_qs * b_rqs[:, None]
         b_gs = tl.load(p_gs + o_k[None, :] * s_g_k, mask=m_i[:, None] & m_k[None, :], other=0.0).to(tl.float32)
 
-        # off-diagonal sub-blocks (j < r <= i): exp(G_i - G_j) = exp(sum_{s=r}^{i} g_s) * exp(sum_{s=j+1}^{r-1} g_s),
-        # both factors <= 1; the first sub-block has none (a quarter of the programs skip this)
-        if r > 0:
+        if DIAG:
+            # diagonal sub-block, element by element, all (i, j) pairs at once:
+            # E[i, j, c] = exp(sum_{s=j+1}^{i} g_sc) = prod_{s=j+1}^{i} exp(g_sc) for j <= i, a
+            # cumulative product down i of exp(g) set to 1 on rows i <= j (so E <= 1; pairs j > i
+            # are masked after the loop); the sum over c also waits for the loop's end (a sum
+            # across lanes)
+            # [BC, BC, BK]
+            b_E = tl.cumprod(tl.where(m_lt[:, :, None], tl.exp(b_gs)[:, None, :], 1.0), 0) * b_ks[None, :, :]
+            b_Akk_d3 += b_ks[:, None, :] * b_E
+            b_Aqk_d3 += b_qs[:, None, :] * b_E
+        elif r > 0:  # the first sub-block has no columns off the diagonal: it writes zeros
+            # off-diagonal sub-blocks (j < r <= i):
+            # exp(G_i - G_j) = exp(sum_{s=r}^{i} g_s) * exp(sum_{s=j+1}^{r-1} g_s), both factors <= 1
             # [BT, BK]
             b_kf = tl.load(p_kf + o_k[None, :] * s_k_k, mask=m_t[:, None] & m_k[None, :], other=0.0).to(tl.float32)
             b_kf = b_kf * b_rkf[:, None]
@@ -165,35 +184,29 @@ def _kda_chunk_intra_kernel(
             l2_hi, l2_lo = _split(b_l2, DOT_PREC == "tf32x3")
             b_A2t = _dot_state(b_kr, l2_hi, l2_lo, b_A2t, DOT_PREC == "tf32x3", DOT_PREC)
 
-        # diagonal sub-block, element by element, all (i, j) pairs at once:
-        # E[i, j, c] = exp(sum_{s=j+1}^{i} g_sc) = prod_{s=j+1}^{i} exp(g_sc) for j <= i, a
-        # cumulative product down i of exp(g) set to 1 on rows i <= j (so E <= 1; pairs j > i are
-        # masked after the loop); the sum over c also waits for the loop's end (a sum across lanes)
-        # [BC, BC, BK]
-        b_E = tl.cumprod(tl.where(m_lt[:, :, None], tl.exp(b_gs)[:, None, :], 1.0), 0) * b_ks[None, :, :]
-        b_Akk_d3 += b_ks[:, None, :] * b_E
-        b_Aqk_d3 += b_qs[:, None, :] * b_E
-
-    # [BC, BT]
-    b_Akk, b_Aqk = tl.split(tl.permute(tl.reshape(tl.trans(b_A2t), (2, BC, BT)), (1, 2, 0)))
-    # [BC, BC]
-    b_Akk_d = tl.sum(b_Akk_d3, 2)
-    b_Aqk_d = tl.sum(b_Aqk_d3, 2)
     # [BC]
     b_beta = tl.load(beta + i_b * s_b_b + i_hv * s_b_h + t_i * s_b_t, mask=m_i, other=0.0).to(tl.float32)
-    b_Akk = b_Akk * b_beta[:, None]
-    b_Aqk = b_Aqk * scale
-    b_Akk_d = tl.where(m_lt, b_Akk_d, 0.0) * b_beta[:, None]
-    b_Aqk_d = tl.where(m_le, b_Aqk_d, 0.0) * scale
-    # Akk, Aqk: head-major [HV, rows, BT]; the diagonal sub-block's columns are stored apart
+    # Akk, Aqk: head-major [HV, rows, BT]
     o_row = (i_hv * R + row_base + t_i) * BT
-    m_s = m_i[:, None] & ((o_t < r) | (o_t >= r + BC))[None, :]
-    tl.store(Akk + o_row[:, None] + o_t[None, :], b_Akk, mask=m_s)
-    tl.store(Aqk + o_row[:, None] + o_t[None, :], cast_to(b_Aqk, Aqk.dtype.element_ty, EXACT_ROUNDING), mask=m_s)
-    m_d = m_i[:, None] & (o_j < BC)[None, :]
-    tl.store(Akk + o_row[:, None] + r + o_j[None, :], b_Akk_d, mask=m_d)
-    tl.store(Aqk + o_row[:, None] + r + o_j[None, :], cast_to(b_Aqk_d, Aqk.dtype.element_ty, EXACT_ROUNDING),
-             mask=m_d)
+    if DIAG:
+        # [BC, BC]
+        b_Akk_d = tl.sum(b_Akk_d3, 2)
+        b_Aqk_d = tl.sum(b_Aqk_d3, 2)
+        b_Akk_d = tl.where(m_lt, b_Akk_d, 0.0) * b_beta[:, None]
+        b_Aqk_d = tl.where(m_le, b_Aqk_d, 0.0) * scale
+        m_d = m_i[:, None] & (o_j < BC)[None, :]
+        tl.store(Akk + o_row[:, None] + r + o_j[None, :], b_Akk_d, mask=m_d)
+        tl.store(Aqk + o_row[:, None] + r + o_j[None, :], cast_to(b_Aqk_d, Aqk.dtype.element_ty, EXACT_ROUNDING),
+                 mask=m_d)
+    else:
+        # [BC, BT]
+        b_Akk, b_Aqk = tl.split(tl.permute(tl.reshape(tl.trans(b_A2t), (2, BC, BT)), (1, 2, 0)))
+        b_Akk = b_Akk * b_beta[:, None]
+        b_Aqk = b_Aqk * scale
+        m_s = m_i[:, None] & ((o_t < r) | (o_t >= r + BC))[None, :]
+        tl.store(Akk + o_row[:, None] + o_t[None, :], b_Akk, mask=m_s)
+        tl.store(Aqk + o_row[:, None] + o_t[None, :], cast_to(b_Aqk, Aqk.dtype.element_ty, EXACT_ROUNDING),
+                 mask=m_s)
 
 
 @triton.jit(do_not_specialize=["T", "HV", "GROUP", "NT", "R"])
@@ -596,13 +609,13 @@ def _launch_config(K: int, V: int, bf16_out_path: bool, half_inputs: bool, n_hea
     # 4096, state kernel: HV 16 1.35 against 1.75 ms, HV 32 2.60 against 3.49).
     fits = n_heads * triton.cdiv(V, BV) <= n_sm
     stages = (3 if BV == 16 else 2) if bf16_out_path and BK <= 128 and fits else 1
-    # The intra-chunk kernel holds two [16, 16, BK] diagonal accumulators and needs 220 registers;
-    # capped at 168 it fits 3 programs per SM instead of 2 (40 bytes of spills, outside the K loop)
-    # for 16-bit q/k and K % 16 == 0: HV 16 3.26 -> 2.66 ms, HV 32 6.46 -> 5.31 (a cap of 128:
-    # 2.78 / 5.56). Odd K or float32 inputs would spill more under the cap; they keep the default.
-    maxnreg_intra = 168 if half_inputs and K % 16 == 0 else None
+    # The intra-chunk kernel's diagonal pass holds two [16, 16, BK] accumulators; capped at 128
+    # registers it fits 4 programs per SM without spills for 16-bit q/k and K % 16 == 0 (odd K and
+    # float32 inputs stay uncapped, as before the split). The off-diagonal pass needs 84 registers
+    # uncapped. (One kernel doing both needed 220, capped at 168: 3 programs per SM.)
+    maxnreg_diag = 128 if half_inputs and K % 16 == 0 else None
     return dict(BV=BV, warps_fwd=4, stages_fwd=stages,
-                BK_I=16, warps_intra=4, maxnreg_intra=maxnreg_intra,
+                BK_I=16, warps_intra=4, maxnreg_diag=maxnreg_diag, maxnreg_offdiag=None,
                 BK_W=min(BK, 32), BV_W=max(16, min(pow2(V), 32)), warps_wu=4)
 
 
@@ -719,14 +732,15 @@ def chunk_kda(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor
     cs = cu_seqlens if is_varlen else dummy
     exact = interpreting()
 
-    _kda_chunk_intra_kernel[(NT * (BT // BC), grid_cols)](
-        q, k, g, beta, Akk, Aqk, nrm, ci, cs,
-        d.scale, T, HV, K, HV // d.H, rows,
-        *q.stride(), *k.stride(), *g.stride(), *beta.stride(),
-        BT=BT, BC=BC, BK=cfg["BK_I"], IS_VARLEN=is_varlen, USE_QK_L2NORM=use_qk_l2norm,
-        DOT_PREC=dot_prec, EXACT_ROUNDING=exact, num_warps=cfg["warps_intra"],
-        maxnreg=cfg["maxnreg_intra"],
-    )
+    for diag in (False, True):
+        _kda_chunk_intra_kernel[(NT * (BT // BC), grid_cols)](
+            q, k, g, beta, Akk, Aqk, nrm, ci, cs,
+            d.scale, T, HV, K, HV // d.H, rows,
+            *q.stride(), *k.stride(), *g.stride(), *beta.stride(),
+            BT=BT, BC=BC, BK=cfg["BK_I"], DIAG=diag, IS_VARLEN=is_varlen, USE_QK_L2NORM=use_qk_l2norm,
+            DOT_PREC=dot_prec, EXACT_ROUNDING=exact, num_warps=cfg["warps_intra"],
+            maxnreg=cfg["maxnreg_diag" if diag else "maxnreg_offdiag"],
+        )
     _kda_chunk_wu_kernel[(NT, grid_cols)](
         q, k, v, g, beta, Akk, nrm, w, u, qg, kg, gl, ci, cs,
         d.scale, T, HV, K, V, HV // d.H, NT, rows, KS, VS,

@@ -109,6 +109,12 @@ substitution_wrong_axis = _entry(
     "substitution_wrong_axis", CHUNK,
     ("b_a = b_a + tl.sum(b_a[:, :, None] * b_Z3, 1)", "b_a = b_a + tl.sum(b_a[:, :, None] * b_Z3, 2)"))
 
+# the intra-chunk kernel's off-diagonal pass writes only the earlier sub-blocks' columns, leaving
+# the zeros past the diagonal block (which the state kernel's output product reads) unwritten
+offdiag_upper_unwritten = _entry(
+    "offdiag_upper_unwritten", CHUNK,
+    ("m_s = m_i[:, None] & ((o_t < r) | (o_t >= r + BC))[None, :]", "m_s = m_i[:, None] & (o_t < r)[None, :]"))
+
 # g's dtype is never checked (a float32 copy is validated instead; the kernel reads g as given)
 g_dtype_unchecked = _entry(
     "g_dtype_unchecked", CHUNK,
@@ -150,4 +156,6 @@ MUTANTS = {
                       "chunk: the WY/UT kernel scales k's rows by q's L2 norms"),
     "substitution_wrong_axis": ("substitution_wrong_axis", ("test_equivalence", "test_forms_agree"),
                                 "chunk: the UT substitution sums over the wrong axis"),
+    "offdiag_upper_unwritten": ("offdiag_upper_unwritten", ("test_equivalence", "test_forms_agree"),
+                                "chunk: the off-diagonal pass leaves Aqk's columns past the block unwritten"),
 }
