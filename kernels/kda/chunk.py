@@ -314,8 +314,11 @@ def _kda_chunk_wu_kernel(
         b_q = tl.load(p_q + o_k[None, :] * s_q_k, mask=m_tk, other=0.0).to(tl.float32) * b_rq[:, None]
         b_g = tl.load(p_g + o_k[None, :] * s_g_k, mask=m_tk, other=0.0).to(tl.float32)
         b_G = tl.cumsum(b_g, 0)
-        # [BK] decay over the whole (valid part of the) chunk
-        b_Gl = tl.sum(b_g, 0)
+        # [BK] decay over the whole (valid part of the) chunk, summed and exponentiated in float64:
+        # in float32 the sum's rounding (up to ~|G_last| eps, absolute) and the exp's 1-2 ulp put
+        # exp(G_last) past the float32 budget where the state only decays (beta = 0), against a
+        # reference that multiplies the tokens' exp(g) one by one
+        b_Gl = tl.sum(b_g.to(tl.float64), 0)
         x_hi, x_lo = _split(b_k * b_beta[:, None] * tl.exp(b_G), SPLIT)
         b_w = _dot_pair(a_hi, a_lo, x_hi, x_lo, tl.zeros([BT, BK], dtype=tl.float32), SPLIT, DOT_PREC)
         b_qg = b_q * tl.exp(b_G)
@@ -329,7 +332,7 @@ def _kda_chunk_wu_kernel(
         # transposed per chunk slot, [KS, BT], zero past the sequence's end (b_k loads 0 there)
         tl.store(kg + ((i_slot * HV + i_hv) * KS + o_k[:, None]) * BT + o_t[None, :],
                  cast_to(tl.trans(b_kg), kg.dtype.element_ty, EXACT_ROUNDING), mask=(o_k < KS)[:, None])
-        tl.store(gl + (i_slot * HV + i_hv) * KS + o_k, tl.exp(b_Gl), mask=o_k < KS)
+        tl.store(gl + (i_slot * HV + i_hv) * KS + o_k, tl.exp(b_Gl).to(tl.float32), mask=o_k < KS)
 
     p_v = v + i_b * s_v_b + i_hv * s_v_h + t_t[:, None] * s_v_t
     for i_v in range(0, tl.cdiv(VS, BV)):

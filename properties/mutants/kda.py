@@ -27,9 +27,10 @@ gva_modulo_recurrent = _entry(
 # the decay multiplies the state after the delta update instead of before it
 decay_after_update_recurrent = _entry(
     "decay_after_update_recurrent", RECURRENT,
-    ("        b_h = b_h * tl.exp(b_g)[:, None]\n", ""),
+    ("        b_h = b_h * tl.exp(b_g.to(tl.float64)).to(tl.float32)[:, None]\n", ""),
     ("        b_h += b_k[:, None] * b_u[None, :]\n",
-     "        b_h += b_k[:, None] * b_u[None, :]\n        b_h = b_h * tl.exp(b_g)[:, None]\n"))
+     "        b_h += b_k[:, None] * b_u[None, :]\n"
+     "        b_h = b_h * tl.exp(b_g.to(tl.float64)).to(tl.float32)[:, None]\n"))
 decay_after_update_chunk = _entry(
     "decay_after_update_chunk", CHUNK,
     ("return b_h * b_gl[:, None] + _dot_state(b_kgt, u_hi, u_lo, tl.zeros_like(b_h), SPLIT, DOT_PREC)",
