@@ -154,7 +154,8 @@ def main():
                 # single changes to the default
                 configs += [dict(BV=16), dict(BV=32), dict(BV=64, warps_fwd=8),
                             dict(stages_fwd=1), dict(maxnreg_diag=None),
-                            dict(warps_intra=2), dict(BK_W=16), dict(BV_W=64)]
+                            dict(warps_intra=2), dict(BK_O=16, maxnreg_offdiag=128),
+                            dict(maxnreg_offdiag=None), dict(BK_W=16), dict(BV_W=64)]
             fla_ms = None
             if fla is not None:
                 fkw = dict(scale=scale, output_final_state=True, use_qk_l2norm_in_kernel=True,

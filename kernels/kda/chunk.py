@@ -1,4 +1,4 @@
-"""KDA forward, chunked (the prefill form), chunk size BT = 64, in three kernels.
+"""KDA forward, chunked (the prefill form), chunk size BT = 64, in four kernels.
 
 Within a chunk (rows i, j in [0, BT)), with G_i = sum_{s <= i} g_s the per-channel cumulative decay:
     Akk[i, j] = beta_i sum_c k_ic k_jc exp(G_ic - G_jc)      for j < i
@@ -10,13 +10,14 @@ and with S the float32 state at the chunk's start:
 Only decay differences exp(G_i - G_j) with i >= j are ever formed (all <= 1), so g = -1000 gives
 no NaN/inf; and each difference is computed as the sum sum_{s=j+1}^{i} g_s, never as G_i - G_j
 (two long cumulative sums of g = -1000 differ by a small decay with an absolute error of
-~ulp(|G|), which would wreck exp of the difference). Off-diagonal 16 x 16 sub-blocks factor at the
-sub-block's first row r: exp(sum_{s=r}^{i} g_s) exp(sum_{s=j+1}^{r-1} g_s), both factors <= 1, and run
-on tensor cores; the diagonal sub-blocks are formed element by element (all pairs of rows at once).
+~ulp(|G|), which would wreck exp of the difference). Off-diagonal 16 x 16 sub-blocks factor into a
+sum within row i's sub-block, the total decays of the sub-blocks between, and a sum within row j's
+sub-block (every factor <= 1), and run on tensor cores; the diagonal sub-blocks are formed element
+by element (all pairs of rows at once).
 
-Kernels: _kda_chunk_intra_kernel (Akk, Aqk, and with use_qk_l2norm the rows' q and k norms;
-parallel over chunks x 16-row sub-blocks x heads; launched twice, for the blocks off the diagonal
-and then for the diagonal sub-blocks),
+Kernels: _kda_chunk_diag_kernel (the diagonal 16 x 16 sub-blocks of Akk and Aqk, and with
+use_qk_l2norm the rows' q and k norms; parallel over chunks x 16-row sub-blocks x heads),
+_kda_chunk_offdiag_kernel (the rest of Akk and Aqk; parallel over chunks x heads),
 _kda_chunk_wu_kernel (solve, w, u, q exp(G), k exp(G_last - G), exp(G_last); parallel over chunks x
 heads), _kda_chunk_fwd_kernel (sequential over the chunks of one (sequence, value head, V tile),
 float32 state in registers as row blocks of 64, writes o and the final state). Value head hv reads
@@ -68,22 +69,19 @@ def _chunk_coords(i_t, i_nh, chunk_indices, cu_seqlens, T, HV, GROUP, IS_VARLEN:
 
 
 @triton.jit(do_not_specialize=["T", "HV", "GROUP", "R"])
-def _kda_chunk_intra_kernel(
+def _kda_chunk_diag_kernel(
     q, k, g, beta, Akk, Aqk, nrm, chunk_indices, cu_seqlens,
     scale, T, HV, K, GROUP, R,
     s_q_b, s_q_t, s_q_h, s_q_k,
     s_k_b, s_k_t, s_k_h, s_k_k,
     s_g_b, s_g_t, s_g_h, s_g_k,
     s_b_b, s_b_t, s_b_h,
-    BT: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr, DIAG: tl.constexpr,
-    IS_VARLEN: tl.constexpr, USE_QK_L2NORM: tl.constexpr, DOT_PREC: tl.constexpr,
-    EXACT_ROUNDING: tl.constexpr,
+    BT: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr,
+    IS_VARLEN: tl.constexpr, USE_QK_L2NORM: tl.constexpr, EXACT_ROUNDING: tl.constexpr,
 ):
-    """Rows [r, r + BC) of a chunk's Akk and Aqk, in one of two passes (launched one after the
-    other). DIAG: the diagonal sub-block (columns r .. r + BC - 1) and the rows' L2 norms. Else the
-    rest of the rows: the earlier sub-blocks' columns (j < r) and zeros past the diagonal block.
-    Apart, each pass keeps fewer registers live than the two together and more programs fit on an
-    SM (H100, the two passes against the one kernel: HV 16 2.01 -> 1.94 ms, HV 32 3.94 -> 3.84)."""
+    """The diagonal sub-block of rows [r, r + BC) of a chunk's Akk and Aqk (columns r .. r + BC - 1),
+    element by element, and with USE_QK_L2NORM the rows' reciprocal q and k norms (nrm), which
+    the off-diagonal and WY/UT kernels read (so this kernel runs first)."""
     NC: tl.constexpr = BT // BC
     i_tc, i_nh = tl.program_id(0).to(tl.int64), tl.program_id(1).to(tl.int64)
     i_t, i_c = i_tc // NC, i_tc % NC
@@ -91,61 +89,40 @@ def _kda_chunk_intra_kernel(
         i_t, i_nh, chunk_indices, cu_seqlens, T, HV, GROUP, IS_VARLEN)
     r = i_c * BC  # first row of this sub-block within the chunk
 
-    o_t = tl.arange(0, BT)
     o_i = tl.arange(0, BC)
-    m_t = (t0 + o_t) < eos
     m_i = (t0 + r + o_i) < eos
     # clamp masked rows to the chunk's first row before forming pointers
-    t_t = tl.where(m_t, t0 + o_t, bos)
     t_i = tl.where(m_i, t0 + r + o_i, bos)
-    p_kf = k + i_b * s_k_b + i_h * s_k_h + t_t[:, None] * s_k_t
     p_ks = k + i_b * s_k_b + i_h * s_k_h + t_i[:, None] * s_k_t
     p_qs = q + i_b * s_q_b + i_h * s_q_h + t_i[:, None] * s_q_t
     p_gs = g + i_b * s_g_b + i_hv * s_g_h + t_i[:, None] * s_g_t
 
-    # [BT], [BC]: reciprocal L2 norms of the chunk's k rows (off the diagonal) and the sub-block's
-    # q, k rows
-    b_rkf = tl.full([BT], 1.0, dtype=tl.float32)
+    # [BC] reciprocal L2 norms of the sub-block's q and k rows
     b_rks = tl.full([BC], 1.0, dtype=tl.float32)
     b_rqs = tl.full([BC], 1.0, dtype=tl.float32)
     if USE_QK_L2NORM:
-        b_skf = tl.zeros([BT], dtype=tl.float32)
         b_sks = tl.zeros([BC], dtype=tl.float32)
         b_sqs = tl.zeros([BC], dtype=tl.float32)
         for i_k in range(0, tl.cdiv(K, BK)):
             o_k = i_k * BK + tl.arange(0, BK)
             m_k = o_k < K
-            if not DIAG:
-                b_kf = tl.load(p_kf + o_k[None, :] * s_k_k, mask=m_t[:, None] & m_k[None, :], other=0.0).to(tl.float32)
-                b_skf += tl.sum(b_kf * b_kf, 1)
             b_ks = tl.load(p_ks + o_k[None, :] * s_k_k, mask=m_i[:, None] & m_k[None, :], other=0.0).to(tl.float32)
             b_qs = tl.load(p_qs + o_k[None, :] * s_q_k, mask=m_i[:, None] & m_k[None, :], other=0.0).to(tl.float32)
             b_sks += tl.sum(b_ks * b_ks, 1)
             b_sqs += tl.sum(b_qs * b_qs, 1)
-        b_rkf = 1.0 / tl.sqrt(b_skf + 1e-6)
         b_rks = 1.0 / tl.sqrt(b_sks + 1e-6)
         b_rqs = 1.0 / tl.sqrt(b_sqs + 1e-6)
-        if DIAG:
-            # the sub-block's norms, for the WY/UT kernel: nrm [2, HV, rows] (k's, then q's)
-            tl.store(nrm + i_hv * R + row_base + t_i, b_rks, mask=m_i)
-            tl.store(nrm + (HV + i_hv) * R + row_base + t_i, b_rqs, mask=m_i)
+        # nrm [2, HV, rows]: k's, then q's
+        tl.store(nrm + i_hv * R + row_base + t_i, b_rks, mask=m_i)
+        tl.store(nrm + (HV + i_hv) * R + row_base + t_i, b_rqs, mask=m_i)
 
-    # [BT, 2 BC] transposed: columns of earlier sub-blocks (the rest stays 0) against Akk's rows, then
-    # Aqk's, one product. Transposed, its 64 rows make it a warpgroup MMA (wgmma, the k e^S operand
-    # read from registers); the [2 BC, BT] form ran as mma.sync with both 3xTF32 operands staged
-    # through shared memory with bank conflicts (H100: intra-chunk kernel 2.45 -> 1.97 ms at HV 16)
-    b_A2t = tl.zeros([BT, 2 * BC], dtype=tl.float32)
-    # [BC, BC] the diagonal sub-block, columns r .. r + BC - 1
+    # [BC, BC, BK] per-channel terms of the diagonal sub-block; summed over the channels after the
+    # loop (a sum across lanes)
     b_Akk_d3 = tl.zeros([BC, BC, BK], dtype=tl.float32)
     b_Aqk_d3 = tl.zeros([BC, BC, BK], dtype=tl.float32)
     o_j = tl.arange(0, BC)
     m_lt = o_i[:, None] > o_j[None, :]
     m_le = o_i[:, None] >= o_j[None, :]
-    m_j = o_t < r  # columns in earlier sub-blocks
-    # rows shifted by one (j + 1), kept while j + 1 < r: suffix sums over rows j + 1 .. r - 1
-    m_j1 = ((o_t + 1) < r) & ((t0 + o_t + 1) < eos)
-    t_j1 = tl.where(m_j1, t0 + o_t + 1, bos)
-    p_gj1 = g + i_b * s_g_b + i_hv * s_g_h + t_j1[:, None] * s_g_t
     for i_k in range(0, tl.cdiv(K, BK)):
         o_k = i_k * BK + tl.arange(0, BK)
         m_k = o_k < K
@@ -155,58 +132,165 @@ def _kda_chunk_intra_kernel(
         b_qs = tl.load(p_qs + o_k[None, :] * s_q_k, mask=m_i[:, None] & m_k[None, :], other=0.0).to(tl.float32)
         b_qs = b_qs * b_rqs[:, None]
         b_gs = tl.load(p_gs + o_k[None, :] * s_g_k, mask=m_i[:, None] & m_k[None, :], other=0.0).to(tl.float32)
-
-        if DIAG:
-            # diagonal sub-block, element by element, all (i, j) pairs at once:
-            # E[i, j, c] = exp(sum_{s=j+1}^{i} g_sc) = prod_{s=j+1}^{i} exp(g_sc) for j <= i, a
-            # cumulative product down i of exp(g) set to 1 on rows i <= j (so E <= 1; pairs j > i
-            # are masked after the loop); the sum over c also waits for the loop's end (a sum
-            # across lanes)
-            # [BC, BC, BK]
-            b_E = tl.cumprod(tl.where(m_lt[:, :, None], tl.exp(b_gs)[:, None, :], 1.0), 0) * b_ks[None, :, :]
-            b_Akk_d3 += b_ks[:, None, :] * b_E
-            b_Aqk_d3 += b_qs[:, None, :] * b_E
-        elif r > 0:  # the first sub-block has no columns off the diagonal: it writes zeros
-            # off-diagonal sub-blocks (j < r <= i):
-            # exp(G_i - G_j) = exp(sum_{s=r}^{i} g_s) * exp(sum_{s=j+1}^{r-1} g_s), both factors <= 1
-            # [BT, BK]
-            b_kf = tl.load(p_kf + o_k[None, :] * s_k_k, mask=m_t[:, None] & m_k[None, :], other=0.0).to(tl.float32)
-            b_kf = b_kf * b_rkf[:, None]
-            b_gj1 = tl.load(p_gj1 + o_k[None, :] * s_g_k, mask=m_j1[:, None] & m_k[None, :], other=0.0).to(tl.float32)
-            # decay sums are formed directly as sums over the rows between (never as differences
-            # of two long cumulative sums, which would cancel): sum_{s=j+1}^{r-1} g_s
-            b_Sj = tl.cumsum(b_gj1, 0, reverse=True)
-            b_kr = tl.where(m_j[:, None], b_kf * tl.exp(b_Sj), 0.0)
-            # [BC, BK]
-            b_es = tl.exp(tl.cumsum(b_gs, 0))
-            # [BK, 2 BC] (k e^S) beside (q e^S), transposed
-            b_l2 = tl.reshape(tl.permute(tl.join(b_ks * b_es, b_qs * b_es), (1, 2, 0)), (BK, 2 * BC))
-            l2_hi, l2_lo = _split(b_l2, DOT_PREC == "tf32x3")
-            b_A2t = _dot_state(b_kr, l2_hi, l2_lo, b_A2t, DOT_PREC == "tf32x3", DOT_PREC)
+        # all (i, j) pairs at once: E[i, j, c] = exp(sum_{s=j+1}^{i} g_sc) = prod_{s=j+1}^{i} exp(g_sc)
+        # for j <= i, a cumulative product down i of exp(g) set to 1 on rows i <= j (so E <= 1;
+        # pairs j > i are masked after the loop)
+        # [BC, BC, BK]
+        b_E = tl.cumprod(tl.where(m_lt[:, :, None], tl.exp(b_gs)[:, None, :], 1.0), 0) * b_ks[None, :, :]
+        b_Akk_d3 += b_ks[:, None, :] * b_E
+        b_Aqk_d3 += b_qs[:, None, :] * b_E
 
     # [BC]
     b_beta = tl.load(beta + i_b * s_b_b + i_hv * s_b_h + t_i * s_b_t, mask=m_i, other=0.0).to(tl.float32)
     # Akk, Aqk: head-major [HV, rows, BT]
     o_row = (i_hv * R + row_base + t_i) * BT
-    if DIAG:
-        # [BC, BC]
-        b_Akk_d = tl.sum(b_Akk_d3, 2)
-        b_Aqk_d = tl.sum(b_Aqk_d3, 2)
-        b_Akk_d = tl.where(m_lt, b_Akk_d, 0.0) * b_beta[:, None]
-        b_Aqk_d = tl.where(m_le, b_Aqk_d, 0.0) * scale
-        m_d = m_i[:, None] & (o_j < BC)[None, :]
-        tl.store(Akk + o_row[:, None] + r + o_j[None, :], b_Akk_d, mask=m_d)
-        tl.store(Aqk + o_row[:, None] + r + o_j[None, :], cast_to(b_Aqk_d, Aqk.dtype.element_ty, EXACT_ROUNDING),
-                 mask=m_d)
-    else:
-        # [BC, BT]
-        b_Akk, b_Aqk = tl.split(tl.permute(tl.reshape(tl.trans(b_A2t), (2, BC, BT)), (1, 2, 0)))
-        b_Akk = b_Akk * b_beta[:, None]
-        b_Aqk = b_Aqk * scale
-        m_s = m_i[:, None] & ((o_t < r) | (o_t >= r + BC))[None, :]
-        tl.store(Akk + o_row[:, None] + o_t[None, :], b_Akk, mask=m_s)
-        tl.store(Aqk + o_row[:, None] + o_t[None, :], cast_to(b_Aqk, Aqk.dtype.element_ty, EXACT_ROUNDING),
-                 mask=m_s)
+    # [BC, BC]
+    b_Akk_d = tl.sum(b_Akk_d3, 2)
+    b_Aqk_d = tl.sum(b_Aqk_d3, 2)
+    b_Akk_d = tl.where(m_lt, b_Akk_d, 0.0) * b_beta[:, None]
+    b_Aqk_d = tl.where(m_le, b_Aqk_d, 0.0) * scale
+    m_d = m_i[:, None] & (o_j < BC)[None, :]
+    tl.store(Akk + o_row[:, None] + r + o_j[None, :], b_Akk_d, mask=m_d)
+    tl.store(Aqk + o_row[:, None] + r + o_j[None, :], cast_to(b_Aqk_d, Aqk.dtype.element_ty, EXACT_ROUNDING),
+             mask=m_d)
+
+
+@triton.jit
+def _offdiag_rows(q, k, g, nrm, i_b, i_h, i_hv, bos, eos, t0, row_base, R, HV, o_k, m_k, r,
+                  s_q_b, s_q_t, s_q_h, s_q_k, s_k_b, s_k_t, s_k_h, s_k_k, s_g_b, s_g_t, s_g_h, s_g_k,
+                  BC: tl.constexpr, USE_QK_L2NORM: tl.constexpr, SPLIT: tl.constexpr):
+    """Sub-block rows [r, r + BC), head-dim columns o_k: the B operand of the off-diagonal product,
+    [BK, 2 BC] = (k e^P beside q e^P)^T split for 3xTF32, with P_i = sum_{s=r}^{i} g_s (<= 0), and
+    the sub-block's total decay exp(sum_{s=r}^{r+BC-1} g_s) [BK]."""
+    o_i = tl.arange(0, BC)
+    m_i = (t0 + r + o_i) < eos
+    t_i = tl.where(m_i, t0 + r + o_i, bos)
+    m_ik = m_i[:, None] & m_k[None, :]
+    # [BC, BK]
+    b_ks = tl.load(k + i_b * s_k_b + i_h * s_k_h + t_i[:, None] * s_k_t + o_k[None, :] * s_k_k, mask=m_ik,
+                   other=0.0).to(tl.float32)
+    b_qs = tl.load(q + i_b * s_q_b + i_h * s_q_h + t_i[:, None] * s_q_t + o_k[None, :] * s_q_k, mask=m_ik,
+                   other=0.0).to(tl.float32)
+    b_gs = tl.load(g + i_b * s_g_b + i_hv * s_g_h + t_i[:, None] * s_g_t + o_k[None, :] * s_g_k, mask=m_ik,
+                   other=0.0).to(tl.float32)
+    if USE_QK_L2NORM:
+        # [BC] the rows' reciprocal norms (written by the diagonal kernel)
+        b_ks = b_ks * tl.load(nrm + i_hv * R + row_base + t_i, mask=m_i, other=0.0)[:, None]
+        b_qs = b_qs * tl.load(nrm + (HV + i_hv) * R + row_base + t_i, mask=m_i, other=0.0)[:, None]
+    b_es = tl.exp(tl.cumsum(b_gs, 0))
+    # [BK, 2 BC] (k e^P) beside (q e^P), transposed
+    b_l2 = tl.reshape(tl.permute(tl.join(b_ks * b_es, b_qs * b_es), (1, 2, 0)), (b_ks.shape[1], 2 * BC))
+    l2_hi, l2_lo = _split(b_l2, SPLIT)
+    return l2_hi, l2_lo, tl.exp(tl.sum(b_gs, 0))
+
+
+@triton.jit
+def _offdiag_store(Akk, Aqk, beta, b_A2t, i_b, i_hv, s_b_b, s_b_t, s_b_h, bos, eos, t0, row_base, R, r, scale,
+                   BT: tl.constexpr, BC: tl.constexpr, EXACT_ROUNDING: tl.constexpr):
+    """Write rows [r, r + BC) of Akk and Aqk outside their diagonal sub-block from b_A2t [BT, 2 BC]
+    (columns j against the rows' k, then q; zero for j >= r)."""
+    o_t = tl.arange(0, BT)
+    o_i = tl.arange(0, BC)
+    m_i = (t0 + r + o_i) < eos
+    t_i = tl.where(m_i, t0 + r + o_i, bos)
+    # [BC, BT]
+    b_Akk, b_Aqk = tl.split(tl.permute(tl.reshape(tl.trans(b_A2t), (2, BC, BT)), (1, 2, 0)))
+    b_beta = tl.load(beta + i_b * s_b_b + i_hv * s_b_h + t_i * s_b_t, mask=m_i, other=0.0).to(tl.float32)
+    b_Akk = b_Akk * b_beta[:, None]
+    b_Aqk = b_Aqk * scale
+    # Akk, Aqk: head-major [HV, rows, BT]
+    o_row = (i_hv * R + row_base + t_i) * BT
+    m_s = m_i[:, None] & ((o_t < r) | (o_t >= r + BC))[None, :]
+    tl.store(Akk + o_row[:, None] + o_t[None, :], b_Akk, mask=m_s)
+    tl.store(Aqk + o_row[:, None] + o_t[None, :], cast_to(b_Aqk, Aqk.dtype.element_ty, EXACT_ROUNDING),
+             mask=m_s)
+
+
+@triton.jit(do_not_specialize=["T", "HV", "GROUP", "R"])
+def _kda_chunk_offdiag_kernel(
+    q, k, g, beta, Akk, Aqk, nrm, chunk_indices, cu_seqlens,
+    scale, T, HV, K, GROUP, R,
+    s_q_b, s_q_t, s_q_h, s_q_k,
+    s_k_b, s_k_t, s_k_h, s_k_k,
+    s_g_b, s_g_t, s_g_h, s_g_k,
+    s_b_b, s_b_t, s_b_h,
+    BT: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr,
+    IS_VARLEN: tl.constexpr, USE_QK_L2NORM: tl.constexpr, DOT_PREC: tl.constexpr,
+    EXACT_ROUNDING: tl.constexpr,
+):
+    """A chunk's Akk and Aqk outside the diagonal sub-blocks: rows of sub-block c (c = 1, 2, 3)
+    against the columns of the sub-blocks before it, and zeros past the diagonal block (also on the
+    rows of sub-block 0). Runs after the diagonal kernel (it reads the norms that one writes).
+
+    For i in sub-block c (first row r) and j in an earlier sub-block b:
+        exp(G_i - G_j) = exp(sum_{s=r}^{i} g_s) * prod_{b < m < c} exp(T_m) * exp(sum_{s=j+1}^{e_b} g_s)
+    with T_m sub-block m's total and e_b the last row of sub-block b; every factor is <= 1 and every
+    sum runs over at most BC rows (no difference of cumulative sums). The right factor k_j e^(...)
+    is formed once per chunk; sub-block c's operand is sub-block c-1's times exp(T_(c-1)) plus
+    sub-block c-1's own rows."""
+    i_t, i_nh = tl.program_id(0).to(tl.int64), tl.program_id(1).to(tl.int64)
+    i_b, i_n, i_hv, i_h, bos, eos, t0, row_base = _chunk_coords(
+        i_t, i_nh, chunk_indices, cu_seqlens, T, HV, GROUP, IS_VARLEN)
+    SPLIT: tl.constexpr = DOT_PREC == "tf32x3"
+    NB: tl.constexpr = BT // BC
+
+    o_t = tl.arange(0, BT)
+    m_t = (t0 + o_t) < eos
+    t_t = tl.where(m_t, t0 + o_t, bos)
+    # [BT] sub-block of each row
+    o_blk = o_t // BC
+    # rows shifted by one (j + 1), kept inside j's sub-block: suffix sums over rows j + 1 .. e_b
+    m_t1 = ((o_t % BC) != BC - 1) & ((t0 + o_t + 1) < eos)
+    t_t1 = tl.where(m_t1, t0 + o_t + 1, bos)
+    p_k = k + i_b * s_k_b + i_h * s_k_h + t_t[:, None] * s_k_t
+    p_g1 = g + i_b * s_g_b + i_hv * s_g_h + t_t1[:, None] * s_g_t
+    # [BT] reciprocal L2 norms of the chunk's k rows
+    b_rk = tl.full([BT], 1.0, dtype=tl.float32)
+    if USE_QK_L2NORM:
+        b_rk = tl.load(nrm + i_hv * R + row_base + t_t, mask=m_t, other=0.0)
+
+    # [BT, 2 BC] transposed, one per sub-block c = 1, 2, 3: the columns j against the sub-block's
+    # k rows, then its q rows (a 64-row warpgroup MMA, the j side read from registers)
+    b_A1 = tl.zeros([BT, 2 * BC], dtype=tl.float32)
+    b_A2 = tl.zeros([BT, 2 * BC], dtype=tl.float32)
+    b_A3 = tl.zeros([BT, 2 * BC], dtype=tl.float32)
+    for i_k in range(0, tl.cdiv(K, BK)):
+        o_k = i_k * BK + tl.arange(0, BK)
+        m_k = o_k < K
+        # [BT, BK]
+        b_k = tl.load(p_k + o_k[None, :] * s_k_k, mask=m_t[:, None] & m_k[None, :], other=0.0).to(tl.float32)
+        b_g1 = tl.load(p_g1 + o_k[None, :] * s_g_k, mask=m_t1[:, None] & m_k[None, :], other=0.0).to(tl.float32)
+        # sum_{s=j+1}^{e_b} g_s: suffix sums inside each sub-block (a scan over BC rows)
+        b_S = tl.reshape(tl.cumsum(tl.reshape(b_g1, (NB, BC, BK)), 1, reverse=True), (BT, BK))
+        # [BT, BK] each key decayed to its sub-block's end
+        b_R = b_k * b_rk[:, None] * tl.exp(b_S)
+
+        l2_hi, l2_lo, b_e1 = _offdiag_rows(q, k, g, nrm, i_b, i_h, i_hv, bos, eos, t0, row_base, R, HV, o_k, m_k,
+                                           BC, s_q_b, s_q_t, s_q_h, s_q_k, s_k_b, s_k_t, s_k_h, s_k_k,
+                                           s_g_b, s_g_t, s_g_h, s_g_k, BC, USE_QK_L2NORM, SPLIT)
+        b_kr = tl.where((o_blk == 0)[:, None], b_R, 0.0)
+        b_A1 = _dot_state(b_kr, l2_hi, l2_lo, b_A1, SPLIT, DOT_PREC)
+
+        l2_hi, l2_lo, b_e2 = _offdiag_rows(q, k, g, nrm, i_b, i_h, i_hv, bos, eos, t0, row_base, R, HV, o_k, m_k,
+                                           2 * BC, s_q_b, s_q_t, s_q_h, s_q_k, s_k_b, s_k_t, s_k_h, s_k_k,
+                                           s_g_b, s_g_t, s_g_h, s_g_k, BC, USE_QK_L2NORM, SPLIT)
+        b_kr = tl.where((o_blk == 1)[:, None], b_R, b_kr * b_e1[None, :])
+        b_A2 = _dot_state(b_kr, l2_hi, l2_lo, b_A2, SPLIT, DOT_PREC)
+
+        l2_hi, l2_lo, b_e3 = _offdiag_rows(q, k, g, nrm, i_b, i_h, i_hv, bos, eos, t0, row_base, R, HV, o_k, m_k,
+                                           3 * BC, s_q_b, s_q_t, s_q_h, s_q_k, s_k_b, s_k_t, s_k_h, s_k_k,
+                                           s_g_b, s_g_t, s_g_h, s_g_k, BC, USE_QK_L2NORM, SPLIT)
+        b_kr = tl.where((o_blk == 2)[:, None], b_R, b_kr * b_e2[None, :])
+        b_A3 = _dot_state(b_kr, l2_hi, l2_lo, b_A3, SPLIT, DOT_PREC)
+
+    _offdiag_store(Akk, Aqk, beta, tl.zeros([BT, 2 * BC], dtype=tl.float32), i_b, i_hv, s_b_b, s_b_t, s_b_h,
+                   bos, eos, t0, row_base, R, 0, scale, BT, BC, EXACT_ROUNDING)
+    _offdiag_store(Akk, Aqk, beta, b_A1, i_b, i_hv, s_b_b, s_b_t, s_b_h, bos, eos, t0, row_base, R, BC, scale,
+                   BT, BC, EXACT_ROUNDING)
+    _offdiag_store(Akk, Aqk, beta, b_A2, i_b, i_hv, s_b_b, s_b_t, s_b_h, bos, eos, t0, row_base, R, 2 * BC, scale,
+                   BT, BC, EXACT_ROUNDING)
+    _offdiag_store(Akk, Aqk, beta, b_A3, i_b, i_hv, s_b_b, s_b_t, s_b_h, bos, eos, t0, row_base, R, 3 * BC, scale,
+                   BT, BC, EXACT_ROUNDING)
 
 
 @triton.jit(do_not_specialize=["T", "HV", "GROUP", "NT", "R"])
@@ -218,7 +302,7 @@ def _kda_chunk_wu_kernel(
     s_v_b, s_v_t, s_v_h, s_v_v,
     s_g_b, s_g_t, s_g_h, s_g_k,
     s_b_b, s_b_t, s_b_h,
-    BT: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+    BT: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, BKL: tl.constexpr,
     IS_VARLEN: tl.constexpr, USE_QK_L2NORM: tl.constexpr, DOT_PREC: tl.constexpr,
     EXACT_ROUNDING: tl.constexpr,
 ):
@@ -234,6 +318,18 @@ def _kda_chunk_wu_kernel(
     m_t = (t0 + o_t) < eos
     t_t = tl.where(m_t, t0 + o_t, bos)
     o_row = i_hv * R + row_base + t_t  # row of the head-major intermediates
+
+    p_g = g + i_b * s_g_b + i_hv * s_g_h + t_t[:, None] * s_g_t
+    # [BKL] exp(G_last), the decay over the whole (valid part of the) chunk, summed and exponentiated
+    # in float64: in float32 the sum's rounding (up to ~|G_last| eps, absolute) and the exp's 1-2 ulp
+    # put exp(G_last) past the float32 budget where the state only decays (beta = 0), against a
+    # reference that multiplies the tokens' exp(g) one by one. Wide column steps, before anything
+    # else is live: each thread takes a float64 exp for few columns.
+    for i_k in range(0, tl.cdiv(KS, BKL)):
+        o_k = i_k * BKL + tl.arange(0, BKL)
+        b_g = tl.load(p_g + o_k[None, :] * s_g_k, mask=m_t[:, None] & (o_k < K)[None, :], other=0.0)
+        b_Gl = tl.sum(b_g.to(tl.float64), 0)
+        tl.store(gl + (i_slot * HV + i_hv) * KS + o_k, tl.exp(b_Gl).to(tl.float32), mask=o_k < KS)
 
     # Y = (I + Akk)^-1, blockwise. Akk = Ad + Ao, Ad its BC x BC diagonal blocks, Ao the rest.
     # 1. Yd = (I + Ad)^-1 by forward substitution on Z = Yd - I inside each diagonal block:
@@ -291,11 +387,10 @@ def _kda_chunk_wu_kernel(
     b_beta = tl.load(beta + i_b * s_b_b + i_hv * s_b_h + t_t * s_b_t, mask=m_t, other=0.0).to(tl.float32)
     p_k = k + i_b * s_k_b + i_h * s_k_h + t_t[:, None] * s_k_t
     p_q = q + i_b * s_q_b + i_h * s_q_h + t_t[:, None] * s_q_t
-    p_g = g + i_b * s_g_b + i_hv * s_g_h + t_t[:, None] * s_g_t
     # rows shifted by one, for the suffix sums sum_{s=i+1}^{last} g_s
     m_t1 = ((o_t + 1) < BT) & ((t0 + o_t + 1) < eos)
     p_g1 = g + i_b * s_g_b + i_hv * s_g_h + tl.where(m_t1, t0 + o_t + 1, bos)[:, None] * s_g_t
-    # [BT] reciprocal L2 norms of the rows of k and q (from the intra-chunk kernel)
+    # [BT] reciprocal L2 norms of the rows of k and q (from the diagonal kernel)
     b_rk = tl.full([BT], 1.0, dtype=tl.float32)
     b_rq = tl.full([BT], 1.0, dtype=tl.float32)
     if USE_QK_L2NORM:
@@ -314,11 +409,6 @@ def _kda_chunk_wu_kernel(
         b_q = tl.load(p_q + o_k[None, :] * s_q_k, mask=m_tk, other=0.0).to(tl.float32) * b_rq[:, None]
         b_g = tl.load(p_g + o_k[None, :] * s_g_k, mask=m_tk, other=0.0).to(tl.float32)
         b_G = tl.cumsum(b_g, 0)
-        # [BK] decay over the whole (valid part of the) chunk, summed and exponentiated in float64:
-        # in float32 the sum's rounding (up to ~|G_last| eps, absolute) and the exp's 1-2 ulp put
-        # exp(G_last) past the float32 budget where the state only decays (beta = 0), against a
-        # reference that multiplies the tokens' exp(g) one by one
-        b_Gl = tl.sum(b_g.to(tl.float64), 0)
         x_hi, x_lo = _split(b_k * b_beta[:, None] * tl.exp(b_G), SPLIT)
         b_w = _dot_pair(a_hi, a_lo, x_hi, x_lo, tl.zeros([BT, BK], dtype=tl.float32), SPLIT, DOT_PREC)
         b_qg = b_q * tl.exp(b_G)
@@ -332,7 +422,6 @@ def _kda_chunk_wu_kernel(
         # transposed per chunk slot, [KS, BT], zero past the sequence's end (b_k loads 0 there)
         tl.store(kg + ((i_slot * HV + i_hv) * KS + o_k[:, None]) * BT + o_t[None, :],
                  cast_to(tl.trans(b_kg), kg.dtype.element_ty, EXACT_ROUNDING), mask=(o_k < KS)[:, None])
-        tl.store(gl + (i_slot * HV + i_hv) * KS + o_k, tl.exp(b_Gl).to(tl.float32), mask=o_k < KS)
 
     p_v = v + i_b * s_v_b + i_hv * s_v_h + t_t[:, None] * s_v_t
     for i_v in range(0, tl.cdiv(VS, BV)):
@@ -600,10 +689,8 @@ def _launch_config(K: int, V: int, bf16_out_path: bool, half_inputs: bool, n_hea
     # Two stages (the next chunk's tiles copied in while this one computes) fit in shared memory
     # with the bf16 output path up to K = 128 (128 KiB there at BV = 32); fp16 and fp32 inputs
     # keep a float32 output path and one stage (BV 32, one stage: 10.7 ms).
-    # The intra-chunk kernel runs 4 warps and K steps of 16 (9.2 / 14.4 ms against 9.4 / 14.7 with
-    # 2 warps and 11.5 / 19.1 with K steps of 32); the WY/UT kernel K steps of 32 and V steps of
-    # 32 (BV = 64 states: BK_W 16 12.7 ms against 12.5; BV_W 64 12.5 against 12.1; 8 WY/UT warps
-    # 14.5).
+    # The WY/UT kernel runs K steps of 32 and V steps of 32 (BV = 64 states: BK_W 16 12.7 ms
+    # against 12.5; BV_W 64 12.5 against 12.1; 8 WY/UT warps 14.5).
     BV = 16 if n_heads * triton.cdiv(V, 16) <= n_sm else 32
     # the bf16 output path up to K = 128 pipelines 2 stages, 3 with BV = 16 (200 KiB of shared
     # memory at K = 128; HV 16: 8.38 against 8.53 ms), while the programs fit on the SMs. Past
@@ -612,13 +699,15 @@ def _launch_config(K: int, V: int, bf16_out_path: bool, half_inputs: bool, n_hea
     # 4096, state kernel: HV 16 1.35 against 1.75 ms, HV 32 2.60 against 3.49).
     fits = n_heads * triton.cdiv(V, BV) <= n_sm
     stages = (3 if BV == 16 else 2) if bf16_out_path and BK <= 128 and fits else 1
-    # The intra-chunk kernel's diagonal pass holds two [16, 16, BK] accumulators; capped at 128
-    # registers it fits 4 programs per SM without spills for 16-bit q/k and K % 16 == 0 (odd K and
-    # float32 inputs stay uncapped, as before the split). The off-diagonal pass needs 84 registers
-    # uncapped. (One kernel doing both needed 220, capped at 168: 3 programs per SM.)
+    # The diagonal kernel holds two [16, 16, BK] accumulators; capped at 128 registers it fits 4
+    # programs per SM without spills for 16-bit q/k and K % 16 == 0 (odd K and float32 inputs stay
+    # uncapped). The off-diagonal kernel (one program per chunk, three [64, 32] accumulators) runs
+    # K steps of 32 capped at 160 registers (H100, HV 16: 0.85 ms, against 0.92 with K steps of 16
+    # at 128 registers, 0.93 at 16 uncapped (165), 1.24 with K steps of 64 uncapped, 2.5 on 8 warps).
     maxnreg_diag = 128 if half_inputs and K % 16 == 0 else None
     return dict(BV=BV, warps_fwd=4, stages_fwd=stages,
-                BK_I=16, warps_intra=4, maxnreg_diag=maxnreg_diag, maxnreg_offdiag=None,
+                BK_I=16, warps_intra=4, maxnreg_diag=maxnreg_diag, BK_O=min(BK, 32), warps_offdiag=4,
+                maxnreg_offdiag=160 if half_inputs else None,
                 BK_W=min(BK, 32), BV_W=max(16, min(pow2(V), 32)), warps_wu=4)
 
 
@@ -735,21 +824,22 @@ def chunk_kda(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor
     cs = cu_seqlens if is_varlen else dummy
     exact = interpreting()
 
-    for diag in (False, True):
-        _kda_chunk_intra_kernel[(NT * (BT // BC), grid_cols)](
-            q, k, g, beta, Akk, Aqk, nrm, ci, cs,
-            d.scale, T, HV, K, HV // d.H, rows,
-            *q.stride(), *k.stride(), *g.stride(), *beta.stride(),
-            BT=BT, BC=BC, BK=cfg["BK_I"], DIAG=diag, IS_VARLEN=is_varlen, USE_QK_L2NORM=use_qk_l2norm,
-            DOT_PREC=dot_prec, EXACT_ROUNDING=exact, num_warps=cfg["warps_intra"],
-            maxnreg=cfg["maxnreg_diag" if diag else "maxnreg_offdiag"],
-        )
+    intra_args = (q, k, g, beta, Akk, Aqk, nrm, ci, cs, d.scale, T, HV, K, HV // d.H, rows,
+                  *q.stride(), *k.stride(), *g.stride(), *beta.stride())
+    _kda_chunk_diag_kernel[(NT * (BT // BC), grid_cols)](
+        *intra_args, BT=BT, BC=BC, BK=cfg["BK_I"], IS_VARLEN=is_varlen, USE_QK_L2NORM=use_qk_l2norm,
+        EXACT_ROUNDING=exact, num_warps=cfg["warps_intra"], maxnreg=cfg["maxnreg_diag"],
+    )
+    _kda_chunk_offdiag_kernel[(NT, grid_cols)](
+        *intra_args, BT=BT, BC=BC, BK=cfg["BK_O"], IS_VARLEN=is_varlen, USE_QK_L2NORM=use_qk_l2norm,
+        DOT_PREC=dot_prec, EXACT_ROUNDING=exact, num_warps=cfg["warps_offdiag"], maxnreg=cfg["maxnreg_offdiag"],
+    )
     _kda_chunk_wu_kernel[(NT, grid_cols)](
         q, k, v, g, beta, Akk, nrm, w, u, qg, kg, gl, ci, cs,
         d.scale, T, HV, K, V, HV // d.H, NT, rows, KS, VS,
         *q.stride(), *k.stride(), *v.stride(), *g.stride(), *beta.stride(),
-        BT=BT, BC=BC, BK=cfg["BK_W"], BV=cfg["BV_W"], IS_VARLEN=is_varlen, USE_QK_L2NORM=use_qk_l2norm,
-        DOT_PREC=dot_prec, EXACT_ROUNDING=exact, num_warps=cfg["warps_wu"],
+        BT=BT, BC=BC, BK=cfg["BK_W"], BV=cfg["BV_W"], BKL=min(KS, 128), IS_VARLEN=is_varlen,
+        USE_QK_L2NORM=use_qk_l2norm, DOT_PREC=dot_prec, EXACT_ROUNDING=exact, num_warps=cfg["warps_wu"],
     )
     h0 = initial_state if initial_state is not None else dummy
     h0_strides = initial_state.stride() if initial_state is not None else (0, 0, 0, 0)

@@ -80,7 +80,7 @@ empty_drops_initial_state = _entry(
 decay_as_product = _entry(
     "decay_as_product", CHUNK,
     ("b_kg = b_k * tl.exp(tl.cumsum(b_g1, 0, reverse=True))",
-     "b_kg = b_k * (tl.exp(b_Gl)[None, :] * tl.exp(-b_G))"))
+     "b_kg = b_k * (tl.exp(tl.sum(b_g, 0))[None, :] * tl.exp(-b_G))"))
 
 # the WY/UT kernel writes w, q exp(G), k exp(G_last - G) only up to column K, leaving the padding
 # columns [K, KS) that the state kernel reads with whole 16-column vector loads unwritten
