@@ -17,9 +17,9 @@ by element (all pairs of rows at once).
 
 Kernels: _kda_chunk_diag_kernel (the diagonal 16 x 16 sub-blocks of Akk and Aqk, and with
 use_qk_l2norm the rows' q and k norms; parallel over chunks x 16-row sub-blocks x heads),
-_kda_chunk_offdiag_kernel (the rest of Akk and Aqk; parallel over chunks x heads),
-_kda_chunk_wu_kernel (solve, w, u, q exp(G), k exp(G_last - G), exp(G_last); parallel over chunks x
-heads), _kda_chunk_fwd_kernel (sequential over the chunks of one (sequence, value head, V tile),
+_kda_chunk_offdiag_kernel (the rest of Akk and Aqk, and k exp(G_last - G) from the same decayed
+keys; parallel over chunks x heads), _kda_chunk_wu_kernel (solve, w, u, q exp(G), exp(G_last);
+parallel over chunks x heads), _kda_chunk_fwd_kernel (sequential over the chunks of one (sequence, value head, V tile),
 float32 state in registers as row blocks of 64, writes o and the final state). Value head hv reads
 q/k head hv // (HV // H). Intermediates are head-major [HV, rows, *] (a chunk's tile is
 contiguous), their row widths padded to powers of two (whole state-kernel tiles); k exp(G_last - G)
@@ -206,10 +206,10 @@ def _offdiag_store(Akk, Aqk, beta, b_A2t, i_b, i_hv, s_b_b, s_b_t, s_b_h, bos, e
              mask=m_s)
 
 
-@triton.jit(do_not_specialize=["T", "HV", "GROUP", "R"])
+@triton.jit(do_not_specialize=["T", "HV", "GROUP", "NT", "R"])
 def _kda_chunk_offdiag_kernel(
-    q, k, g, beta, Akk, Aqk, nrm, chunk_indices, cu_seqlens,
-    scale, T, HV, K, GROUP, R,
+    q, k, g, beta, Akk, Aqk, nrm, kg, chunk_indices, cu_seqlens,
+    scale, T, HV, K, GROUP, NT, R, KS: tl.constexpr,
     s_q_b, s_q_t, s_q_h, s_q_k,
     s_k_b, s_k_t, s_k_h, s_k_k,
     s_g_b, s_g_t, s_g_h, s_g_k,
@@ -227,10 +227,16 @@ def _kda_chunk_offdiag_kernel(
     with T_m sub-block m's total and e_b the last row of sub-block b; every factor is <= 1 and every
     sum runs over at most BC rows (no difference of cumulative sums). The right factor k_j e^(...)
     is formed once per chunk; sub-block c's operand is sub-block c-1's times exp(T_(c-1)) plus
-    sub-block c-1's own rows."""
+    sub-block c-1's own rows. The same factor times the later sub-blocks' totals is
+    k_j exp(G_last - G_j), the state update's operand, written here (it took the WY/UT kernel a
+    64-row suffix scan: H100, HV 16, WY/UT 1.65 -> 1.33 ms, this kernel 0.87 -> 0.99)."""
     i_t, i_nh = tl.program_id(0).to(tl.int64), tl.program_id(1).to(tl.int64)
     i_b, i_n, i_hv, i_h, bos, eos, t0, row_base = _chunk_coords(
         i_t, i_nh, chunk_indices, cu_seqlens, T, HV, GROUP, IS_VARLEN)
+    if IS_VARLEN:
+        i_slot = i_t
+    else:
+        i_slot = i_n * NT + i_t
     SPLIT: tl.constexpr = DOT_PREC == "tf32x3"
     NB: tl.constexpr = BT // BC
 
@@ -254,7 +260,9 @@ def _kda_chunk_offdiag_kernel(
     b_A1 = tl.zeros([BT, 2 * BC], dtype=tl.float32)
     b_A2 = tl.zeros([BT, 2 * BC], dtype=tl.float32)
     b_A3 = tl.zeros([BT, 2 * BC], dtype=tl.float32)
-    for i_k in range(0, tl.cdiv(K, BK)):
+    # over the padded width KS: k exp(G_last - G)'s padding columns [K, KS) are written as zeros (k
+    # and g load as 0 there), as the state kernel reads whole tiles
+    for i_k in range(0, tl.cdiv(KS, BK)):
         o_k = i_k * BK + tl.arange(0, BK)
         m_k = o_k < K
         # [BT, BK]
@@ -283,6 +291,16 @@ def _kda_chunk_offdiag_kernel(
         b_kr = tl.where((o_blk == 2)[:, None], b_R, b_kr * b_e2[None, :])
         b_A3 = _dot_state(b_kr, l2_hi, l2_lo, b_A3, SPLIT, DOT_PREC)
 
+        # [BT, BK] k exp(G_last - G_i): each key decayed to its sub-block's end, times the later
+        # sub-blocks' total decays (products of factors <= 1, no difference of sums); stored
+        # transposed per chunk slot, [KS, BT], zero past the sequence's end (b_k loads 0 there)
+        b_e23 = b_e2[None, :] * b_e3[None, :]
+        b_after = tl.where((o_blk == 3)[:, None], 1.0, tl.where((o_blk == 2)[:, None], b_e3[None, :], tl.where(
+            (o_blk == 1)[:, None], b_e23, b_e1[None, :] * b_e23)))
+        b_kg = b_R * b_after
+        tl.store(kg + ((i_slot * HV + i_hv) * KS + o_k[:, None]) * BT + o_t[None, :],
+                 cast_to(tl.trans(b_kg), kg.dtype.element_ty, EXACT_ROUNDING), mask=(o_k < KS)[:, None])
+
     _offdiag_store(Akk, Aqk, beta, tl.zeros([BT, 2 * BC], dtype=tl.float32), i_b, i_hv, s_b_b, s_b_t, s_b_h,
                    bos, eos, t0, row_base, R, 0, scale, BT, BC, EXACT_ROUNDING)
     _offdiag_store(Akk, Aqk, beta, b_A1, i_b, i_hv, s_b_b, s_b_t, s_b_h, bos, eos, t0, row_base, R, BC, scale,
@@ -295,7 +313,7 @@ def _kda_chunk_offdiag_kernel(
 
 @triton.jit(do_not_specialize=["T", "HV", "GROUP", "NT", "R"])
 def _kda_chunk_wu_kernel(
-    q, k, v, g, beta, Akk, nrm, w, u, qg, kg, gl, chunk_indices, cu_seqlens,
+    q, k, v, g, beta, Akk, nrm, w, u, qg, gl, chunk_indices, cu_seqlens,
     scale, T, HV, K, V, GROUP, NT, R, KS: tl.constexpr, VS: tl.constexpr,
     s_q_b, s_q_t, s_q_h, s_q_k,
     s_k_b, s_k_t, s_k_h, s_k_k,
@@ -387,9 +405,6 @@ def _kda_chunk_wu_kernel(
     b_beta = tl.load(beta + i_b * s_b_b + i_hv * s_b_h + t_t * s_b_t, mask=m_t, other=0.0).to(tl.float32)
     p_k = k + i_b * s_k_b + i_h * s_k_h + t_t[:, None] * s_k_t
     p_q = q + i_b * s_q_b + i_h * s_q_h + t_t[:, None] * s_q_t
-    # rows shifted by one, for the suffix sums sum_{s=i+1}^{last} g_s
-    m_t1 = ((o_t + 1) < BT) & ((t0 + o_t + 1) < eos)
-    p_g1 = g + i_b * s_g_b + i_hv * s_g_h + tl.where(m_t1, t0 + o_t + 1, bos)[:, None] * s_g_t
     # [BT] reciprocal L2 norms of the rows of k and q (from the diagonal kernel)
     b_rk = tl.full([BT], 1.0, dtype=tl.float32)
     b_rq = tl.full([BT], 1.0, dtype=tl.float32)
@@ -412,16 +427,10 @@ def _kda_chunk_wu_kernel(
         x_hi, x_lo = _split(b_k * b_beta[:, None] * tl.exp(b_G), SPLIT)
         b_w = _dot_pair(a_hi, a_lo, x_hi, x_lo, tl.zeros([BT, BK], dtype=tl.float32), SPLIT, DOT_PREC)
         b_qg = b_q * tl.exp(b_G)
-        b_g1 = tl.load(p_g1 + o_k[None, :] * s_g_k, mask=m_t1[:, None] & m_k[None, :], other=0.0).to(tl.float32)
-        # exp(G_last - G_i) as exp(sum_{s=i+1}^{last} g_s): a sum, not a difference of cumulative sums
-        b_kg = b_k * tl.exp(tl.cumsum(b_g1, 0, reverse=True))
         p_out = o_row[:, None] * KS + o_k[None, :]
         m_out = m_t[:, None] & (o_k < KS)[None, :]
         tl.store(w + p_out, cast_to(b_w, w.dtype.element_ty, EXACT_ROUNDING), mask=m_out)
         tl.store(qg + p_out, cast_to(b_qg, qg.dtype.element_ty, EXACT_ROUNDING), mask=m_out)
-        # transposed per chunk slot, [KS, BT], zero past the sequence's end (b_k loads 0 there)
-        tl.store(kg + ((i_slot * HV + i_hv) * KS + o_k[:, None]) * BT + o_t[None, :],
-                 cast_to(tl.trans(b_kg), kg.dtype.element_ty, EXACT_ROUNDING), mask=(o_k < KS)[:, None])
 
     p_v = v + i_b * s_v_b + i_hv * s_v_h + t_t[:, None] * s_v_t
     for i_v in range(0, tl.cdiv(VS, BV)):
@@ -702,8 +711,9 @@ def _launch_config(K: int, V: int, bf16_out_path: bool, half_inputs: bool, n_hea
     # The diagonal kernel holds two [16, 16, BK] accumulators; capped at 128 registers it fits 4
     # programs per SM without spills for 16-bit q/k and K % 16 == 0 (odd K and float32 inputs stay
     # uncapped). The off-diagonal kernel (one program per chunk, three [64, 32] accumulators) runs
-    # K steps of 32 capped at 160 registers (H100, HV 16: 0.85 ms, against 0.92 with K steps of 16
-    # at 128 registers, 0.93 at 16 uncapped (165), 1.24 with K steps of 64 uncapped, 2.5 on 8 warps).
+    # K steps of 32 capped at 160 registers (H100, HV 16 / HV 32: 0.99 / 1.96 ms, against 1.01 / 1.98
+    # at 168, 1.05 / 2.03 uncapped (234), 1.20 / 2.34 at 184, 1.16 / 2.23 at 128; before it wrote
+    # k exp(G_last - G): K steps of 16 0.92, K steps of 64 1.24, 8 warps 2.5 at HV 16).
     maxnreg_diag = 128 if half_inputs and K % 16 == 0 else None
     return dict(BV=BV, warps_fwd=4, stages_fwd=stages,
                 BK_I=16, warps_intra=4, maxnreg_diag=maxnreg_diag, BK_O=min(BK, 32), warps_offdiag=4,
@@ -824,18 +834,20 @@ def chunk_kda(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor
     cs = cu_seqlens if is_varlen else dummy
     exact = interpreting()
 
-    intra_args = (q, k, g, beta, Akk, Aqk, nrm, ci, cs, d.scale, T, HV, K, HV // d.H, rows,
-                  *q.stride(), *k.stride(), *g.stride(), *beta.stride())
     _kda_chunk_diag_kernel[(NT * (BT // BC), grid_cols)](
-        *intra_args, BT=BT, BC=BC, BK=cfg["BK_I"], IS_VARLEN=is_varlen, USE_QK_L2NORM=use_qk_l2norm,
+        q, k, g, beta, Akk, Aqk, nrm, ci, cs, d.scale, T, HV, K, HV // d.H, rows,
+        *q.stride(), *k.stride(), *g.stride(), *beta.stride(),
+        BT=BT, BC=BC, BK=cfg["BK_I"], IS_VARLEN=is_varlen, USE_QK_L2NORM=use_qk_l2norm,
         EXACT_ROUNDING=exact, num_warps=cfg["warps_intra"], maxnreg=cfg["maxnreg_diag"],
     )
     _kda_chunk_offdiag_kernel[(NT, grid_cols)](
-        *intra_args, BT=BT, BC=BC, BK=cfg["BK_O"], IS_VARLEN=is_varlen, USE_QK_L2NORM=use_qk_l2norm,
+        q, k, g, beta, Akk, Aqk, nrm, kg, ci, cs, d.scale, T, HV, K, HV // d.H, NT, rows, KS,
+        *q.stride(), *k.stride(), *g.stride(), *beta.stride(),
+        BT=BT, BC=BC, BK=cfg["BK_O"], IS_VARLEN=is_varlen, USE_QK_L2NORM=use_qk_l2norm,
         DOT_PREC=dot_prec, EXACT_ROUNDING=exact, num_warps=cfg["warps_offdiag"], maxnreg=cfg["maxnreg_offdiag"],
     )
     _kda_chunk_wu_kernel[(NT, grid_cols)](
-        q, k, v, g, beta, Akk, nrm, w, u, qg, kg, gl, ci, cs,
+        q, k, v, g, beta, Akk, nrm, w, u, qg, gl, ci, cs,
         d.scale, T, HV, K, V, HV // d.H, NT, rows, KS, VS,
         *q.stride(), *k.stride(), *v.stride(), *g.stride(), *beta.stride(),
         BT=BT, BC=BC, BK=cfg["BK_W"], BV=cfg["BV_W"], BKL=min(KS, 128), IS_VARLEN=is_varlen,

@@ -79,11 +79,13 @@ empty_drops_initial_state = _entry(
 # exp(G_last - G_i) formed as exp(G_last) * exp(-G_i): 0 * inf = NaN once the decays are deep
 decay_as_product = _entry(
     "decay_as_product", CHUNK,
-    ("b_kg = b_k * tl.exp(tl.cumsum(b_g1, 0, reverse=True))",
-     "b_kg = b_k * (tl.exp(tl.sum(b_g, 0))[None, :] * tl.exp(-b_G))"))
+    ("        b_kg = b_R * b_after\n",
+     "        b_gf = tl.load(g + i_b * s_g_b + i_hv * s_g_h + t_t[:, None] * s_g_t + o_k[None, :] * s_g_k,\n"
+     "                       mask=m_t[:, None] & m_k[None, :], other=0.0)\n"
+     "        b_kg = b_k * b_rk[:, None] * (tl.exp(tl.sum(b_gf, 0))[None, :] * tl.exp(-tl.cumsum(b_gf, 0)))\n"))
 
-# the WY/UT kernel writes w, q exp(G), k exp(G_last - G) only up to column K, leaving the padding
-# columns [K, KS) that the state kernel reads with whole 16-column vector loads unwritten
+# the WY/UT kernel writes w and q exp(G) only up to column K, leaving the padding columns [K, KS)
+# that the state kernel reads with whole 16-column vector loads unwritten
 padding_unwritten = _entry(
     "padding_unwritten", CHUNK,
     ("m_out = m_t[:, None] & (o_k < KS)[None, :]", "m_out = m_t[:, None] & (o_k < K)[None, :]"))
