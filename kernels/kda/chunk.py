@@ -681,9 +681,9 @@ def _kda_chunk_fwd_kernel(
 def _launch_config(K: int, V: int, bf16_out_path: bool, half_inputs: bool, n_heads: int,
                    n_sm: int) -> dict:
     """One config from the head dims, the output path's dtype, whether q/k are 16-bit, the number
-    of (sequence, value head) pairs and the device's SM count. BV tiles the state kernel; BK_I /
-    BK_W / BV_W block the intra-chunk kernels' head-dim loops. Every dot dimension is at least 16
-    (the GPU's minimum)."""
+    of (sequence, value head) pairs and the device's SM count. BV tiles the state kernel; BK_I
+    (BKN for the norms), BK_O and BK_W / BV_W block the head-dim loops of the diagonal, off-diagonal
+    and WY/UT kernels. Every dot dimension is at least 16 (the GPU's minimum)."""
     BK = dot_dim(K)
     # The state kernel is sequential over chunks and runs one program per (sequence, value head,
     # V tile): narrow V tiles buy parallelism while the programs fit on the SMs. BV = 32 with 4
