@@ -15,17 +15,17 @@ sum within row i's sub-block, the total decays of the sub-blocks between, and a 
 sub-block (every factor <= 1), and run on tensor cores; the diagonal sub-blocks are formed element
 by element (all pairs of rows at once).
 
-Kernels: _kda_chunk_diag_kernel (the diagonal 16 x 16 sub-blocks of Akk and Aqk, and with
-use_qk_l2norm the rows' q and k norms; parallel over chunks x 16-row sub-blocks x heads),
+Kernels, in launch order: _kda_chunk_diag_kernel (the diagonal 16 x 16 sub-blocks of Akk and Aqk,
+and with use_qk_l2norm the rows' q and k norms; parallel over chunks x 16-row sub-blocks x heads),
 _kda_chunk_offdiag_kernel (the rest of Akk and Aqk, and k exp(G_last - G) from the same decayed
 keys; parallel over chunks x heads), _kda_chunk_wu_kernel (solve, w, u, q exp(G), exp(G_last);
-parallel over chunks x heads), _kda_chunk_fwd_kernel (sequential over the chunks of one (sequence, value head, V tile),
-float32 state in registers as row blocks of 64, writes o and the final state). Value head hv reads
-q/k head hv // (HV // H). Intermediates are head-major [HV, rows, *] (a chunk's tile is
-contiguous), their row widths padded to powers of two (whole state-kernel tiles); k exp(G_last - G)
-is stored transposed per chunk slot, [slots, HV, KS, 64] (the state update's A operand, K-major);
-with cu_seqlens a device-side table maps each chunk slot to (sequence, chunk), so the launcher
-never synchronises.
+parallel over chunks x heads), _kda_chunk_fwd_kernel (sequential over the chunks of one (sequence,
+value head, V tile), float32 state in registers as row blocks of 64, writes o and the final
+state). Value head hv reads q/k head hv // (HV // H). Intermediates are head-major [HV, rows, *]
+(a chunk's tile is contiguous), their row widths padded to powers of two (whole state-kernel
+tiles); k exp(G_last - G) is stored transposed per chunk slot, [slots, HV, KS, 64] (the state
+update's A operand, K-major); with cu_seqlens a device-side table maps each chunk slot to
+(sequence, chunk), so the launcher never synchronises.
 """
 import functools
 from typing import Optional
