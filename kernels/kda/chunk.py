@@ -40,7 +40,7 @@ from kernels.kda.fused_recurrent import fused_recurrent_kda
 
 BT = 64  # chunk size
 MIN_CHUNK_K = 8  # below this head dim chunk_kda runs the token-by-token form (see chunk_kda)
-BC = 16  # sub-block rows of the intra-chunk kernel: NC = BT // BC sub-blocks per chunk
+BC = 16  # sub-block rows of the diagonal and off-diagonal kernels: BT // BC sub-blocks per chunk
 INTERPRETER_SMS = 8  # SM count the launch config assumes for CPU tensors (the interpreter)
 
 
@@ -829,8 +829,8 @@ def chunk_kda(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor
     o = torch.empty((B, T, HV, V), dtype=q.dtype, device=dev)
     ht = torch.empty((N, HV, K, V), dtype=torch.float32, device=dev) if output_final_state else None
     dummy = o
-    # reciprocal L2 norms of q and k per value head and row (k's, then q's): the intra-chunk kernel
-    # computes them, the WY/UT kernel reads them
+    # reciprocal L2 norms of q and k per value head and row (k's, then q's): the diagonal kernel
+    # computes them, the off-diagonal and WY/UT kernels read them
     nrm = torch.empty((2, HV, rows), dtype=f32, device=dev) if use_qk_l2norm else dummy
     ci = chunk_indices if is_varlen else dummy
     cs = cu_seqlens if is_varlen else dummy

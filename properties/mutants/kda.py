@@ -101,7 +101,7 @@ joined_halves_swapped = _entry(
     "joined_halves_swapped", CHUNK,
     ("b_Akk, b_Aqk = tl.split(", "b_Aqk, b_Akk = tl.split("))
 
-# the WY/UT kernel reads q's L2 norms (written by the intra-chunk kernel) for k's rows
+# the WY/UT kernel reads q's L2 norms (written by the diagonal kernel) for k's rows
 norms_swapped = _entry(
     "norms_swapped", CHUNK,
     ("b_rk = tl.load(nrm + o_row, mask=m_t, other=0.0)",
@@ -112,7 +112,7 @@ substitution_wrong_axis = _entry(
     "substitution_wrong_axis", CHUNK,
     ("b_a = b_a + tl.sum(b_a[:, :, None] * b_Z3, 1)", "b_a = b_a + tl.sum(b_a[:, :, None] * b_Z3, 2)"))
 
-# the intra-chunk kernel's off-diagonal pass writes only the earlier sub-blocks' columns, leaving
+# the off-diagonal kernel writes only the earlier sub-blocks' columns, leaving
 # the zeros past the diagonal block (which the state kernel's output product reads) unwritten
 offdiag_upper_unwritten = _entry(
     "offdiag_upper_unwritten", CHUNK,
