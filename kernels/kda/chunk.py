@@ -68,6 +68,16 @@ def _chunk_coords(i_t, i_nh, chunk_indices, cu_seqlens, T, HV, GROUP, IS_VARLEN:
     return i_b, i_n, i_hv, i_h, bos, eos, t0, row_base
 
 
+@triton.jit
+def _chunk_slot(i_t, i_n, NT, IS_VARLEN: tl.constexpr):
+    """Row of chunk slot i_t (sequence i_n) in the per-slot intermediates, k exp(G_last - G) and
+    exp(G_last): the slot itself with cu_seqlens, else i_n * NT + i_t."""
+    if IS_VARLEN:
+        return i_t
+    else:
+        return i_n * NT + i_t
+
+
 @triton.jit(do_not_specialize=["T", "HV", "GROUP", "R"])
 def _kda_chunk_diag_kernel(
     q, k, g, beta, Akk, Aqk, nrm, chunk_indices, cu_seqlens,
@@ -235,10 +245,7 @@ def _kda_chunk_offdiag_kernel(
     i_t, i_nh = tl.program_id(0).to(tl.int64), tl.program_id(1).to(tl.int64)
     i_b, i_n, i_hv, i_h, bos, eos, t0, row_base = _chunk_coords(
         i_t, i_nh, chunk_indices, cu_seqlens, T, HV, GROUP, IS_VARLEN)
-    if IS_VARLEN:
-        i_slot = i_t
-    else:
-        i_slot = i_n * NT + i_t
+    i_slot = _chunk_slot(i_t, i_n, NT, IS_VARLEN)
     SPLIT: tl.constexpr = DOT_PREC == "tf32x3"
     NB: tl.constexpr = BT // BC
 
@@ -329,10 +336,7 @@ def _kda_chunk_wu_kernel(
     i_t, i_nh = tl.program_id(0).to(tl.int64), tl.program_id(1).to(tl.int64)
     i_b, i_n, i_hv, i_h, bos, eos, t0, row_base = _chunk_coords(
         i_t, i_nh, chunk_indices, cu_seqlens, T, HV, GROUP, IS_VARLEN)
-    if IS_VARLEN:
-        i_slot = i_t
-    else:
-        i_slot = i_n * NT + i_t
+    i_slot = _chunk_slot(i_t, i_n, NT, IS_VARLEN)
 
     o_t = tl.arange(0, BT)
     m_t = (t0 + o_t) < eos
