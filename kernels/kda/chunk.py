@@ -3,7 +3,7 @@
 Within a chunk (rows i, j in [0, BT)), with G_i = sum_{s <= i} g_s the per-channel cumulative decay:
     Akk[i, j] = beta_i sum_c k_ic k_jc exp(G_ic - G_jc)      for j < i
     Aqk[i, j] = scale sum_c q_ic k_jc exp(G_ic - G_jc)       for j <= i
-    Y = (I + Akk)^-1                (unit lower triangular: solved in 16 x 16 diagonal blocks, then combined)
+    Y = (I + Akk)^-1                (unit lower triangular: 16 x 16 diagonal blocks inverted, then combined)
     w = Y (beta k exp(G)),  u = Y (beta v)                     (the WY / UT representation)
 and with S the float32 state at the chunk's start:
     U = u - w S;  o = (q scale exp(G)) S + Aqk U;  S <- diag(exp(G_last)) S + (k exp(G_last - G))^T U.
@@ -15,8 +15,9 @@ sum within row i's sub-block, the total decays of the sub-blocks between, and a 
 sub-block (every factor <= 1), and run on tensor cores; the diagonal sub-blocks are formed element
 by element (all pairs of rows at once).
 
-Kernels, in launch order: _kda_chunk_diag_kernel (the diagonal 16 x 16 sub-blocks of Akk and Aqk,
-and with use_qk_l2norm the rows' q and k norms; parallel over chunks x 16-row sub-blocks x heads),
+Kernels, in launch order: _kda_chunk_diag_kernel (the diagonal 16 x 16 sub-blocks of Aqk and of Akk,
+the latter stored inverted, and with use_qk_l2norm the rows' q and k norms; parallel over chunks x
+16-row sub-blocks x heads),
 _kda_chunk_offdiag_kernel (the rest of Akk and Aqk, and k exp(G_last - G) from the same decayed
 keys; parallel over chunks x heads), _kda_chunk_wu_kernel (solve, w, u, q exp(G), exp(G_last);
 parallel over chunks x heads), _kda_chunk_fwd_kernel (sequential over the chunks of one (sequence,
@@ -90,8 +91,9 @@ def _kda_chunk_diag_kernel(
     IS_VARLEN: tl.constexpr, USE_QK_L2NORM: tl.constexpr, EXACT_ROUNDING: tl.constexpr,
 ):
     """The diagonal sub-block of rows [r, r + BC) of a chunk's Akk and Aqk (columns r .. r + BC - 1),
-    element by element, and with USE_QK_L2NORM the rows' reciprocal q and k norms (nrm), which
-    the off-diagonal and WY/UT kernels read (so this kernel runs first)."""
+    element by element, Akk's stored as (I + Akk_d)^-1 - I (the WY/UT kernel's solve needs only
+    that), and with USE_QK_L2NORM the rows' reciprocal q and k norms (nrm), which the off-diagonal
+    and WY/UT kernels read (so this kernel runs first)."""
     NC: tl.constexpr = BT // BC
     i_tc, i_nh = tl.program_id(0).to(tl.int64), tl.program_id(1).to(tl.int64)
     i_t, i_c = i_tc // NC, i_tc % NC
@@ -162,9 +164,35 @@ def _kda_chunk_diag_kernel(
     b_Akk_d = tl.where(m_lt, b_Akk_d, 0.0) * b_beta[:, None]
     b_Aqk_d = tl.where(m_le, b_Aqk_d, 0.0) * scale
     m_d = m_i[:, None] & (o_j < BC)[None, :]
-    tl.store(Akk + o_row[:, None] + r + o_j[None, :], b_Akk_d, mask=m_d)
+    # Akk's diagonal block is only needed inverted: Z = (I + Akk_d)^-1 - I (strictly lower) goes in
+    # its place. Here it runs on a program per sub-block (H100, HV 16: this kernel 0.77 -> 0.80 ms);
+    # the WY/UT kernel's forward substitution of BC - 1 dependent steps took it 0.29 (1.37 -> 1.07)
+    b_Zd = tl.where(m_lt, _unit_lower_inverse(b_Akk_d, BC), 0.0)
+    tl.store(Akk + o_row[:, None] + r + o_j[None, :], b_Zd, mask=m_d)
     tl.store(Aqk + o_row[:, None] + r + o_j[None, :], cast_to(b_Aqk_d, Aqk.dtype.element_ty, EXACT_ROUNDING),
              mask=m_d)
+
+
+@triton.jit
+def _unit_lower_inverse(b_L, BC: tl.constexpr):
+    """(I + L)^-1 [BC, BC] for a strictly lower L (BC a power of two), by doubling the size of the
+    solved diagonal blocks: with Ya, Yb the inverses of two adjacent diagonal blocks of s rows,
+        [[I + La, 0], [C, I + Lb]]^-1 = [[Ya, 0], [-Yb C Ya, Yb]],
+    in whole-tile form Y <- Y - Y C Y with C the lower-left s x s blocks of the 2s-row groups
+    (Y C Y falls exactly there). Exact float32 products (FMA dots), no series in powers of L: the
+    intermediates are blocks of the inverse itself, as in a substitution. 2 log2(BC) - 2 products
+    of BC x BC, in place of BC - 1 dependent substitution steps."""
+    o_i = tl.arange(0, BC)
+    # [BC, BC] s = 1: Y = I - C
+    b_Y = tl.where(o_i[:, None] == o_i[None, :], 1.0, 0.0) - tl.where(
+        (o_i[:, None] // 2 == o_i[None, :] // 2) & (o_i[:, None] % 2 == 1) & (o_i[None, :] % 2 == 0), b_L, 0.0)
+    for lvl in tl.static_range(1, BC.bit_length() - 1):
+        s = 1 << lvl
+        m_c = (o_i[:, None] // (2 * s) == o_i[None, :] // (2 * s)) & ((o_i[:, None] // s) % 2 == 1) & (
+            (o_i[None, :] // s) % 2 == 0)
+        b_C = tl.where(m_c, b_L, 0.0)
+        b_Y = b_Y - tl.dot(tl.dot(b_Y, b_C, input_precision="ieee"), b_Y, input_precision="ieee")
+    return b_Y
 
 
 @triton.jit
@@ -356,40 +384,15 @@ def _kda_chunk_wu_kernel(
         tl.store(gl + (i_slot * HV + i_hv) * KS + o_k, tl.exp(b_Gl).to(tl.float32), mask=o_k < KS)
 
     # Y = (I + Akk)^-1, blockwise. Akk = Ad + Ao, Ad its BC x BC diagonal blocks, Ao the rest.
-    # 1. Yd = (I + Ad)^-1 by forward substitution on Z = Yd - I inside each diagonal block:
-    #    Z[i] = -Ad[i] + sum_j (-Ad[i, j]) Z[j] (rows j < i of the block already final), on the stack
-    #    of the NB diagonal blocks, row ii of every block in one step. (On the [BT, BT] tile, 3/4 of
-    #    each step's products were zeros off the blocks: sm_90a 222 -> 113 SASS per step; H100 WY/UT
-    #    kernel 1.66 -> 1.59 ms at HV 16.)
+    # 1. Yd = (I + Ad)^-1: the diagonal kernel stores Z = Yd - I in place of Ad (strictly lower).
     # 2. I + Akk = (I + Ad)(I + N) with N = Yd Ao strictly lower by blocks (N^4 = 0), so
     #    Y = (I + N)^-1 Yd = (I - N)(I + N^2) Yd.
     o_blk = o_t // BC
     m_same = o_blk[:, None] == o_blk[None, :]
-    # [BT, BT] Akk, strictly lower (rows past the sequence's end are 0)
+    # [BT, BT] Ao beside Z, strictly lower (rows past the sequence's end are 0)
     b_Akk = tl.load(Akk + o_row[:, None] * BT + o_t[None, :], mask=m_t[:, None], other=0.0)
     b_Akk = tl.where(o_t[:, None] > o_t[None, :], b_Akk, 0.0)
-    NB: tl.constexpr = BT // BC
-    o_b = tl.arange(0, NB)
-    o_c = tl.arange(0, BC)
-    # [NB, BC] token rows of the diagonal blocks
-    t_r = t0 + o_b[:, None] * BC + o_c[None, :]
-    m_r = t_r < eos
-    p_r = Akk + (i_hv * R + row_base + tl.where(m_r, t_r, bos)) * BT
-    # [NB, BC, BC] Z, starting as the diagonal blocks of -Akk (strictly lower)
-    b_Z3 = -tl.load(p_r[:, :, None] + o_b[:, None, None] * BC + o_c[None, None, :],
-                    mask=m_r[:, :, None] & (o_c[None, :, None] > o_c[None, None, :]), other=0.0)
-    for ii in range(1, BC):
-        t_a = t0 + o_b * BC + ii
-        m_a = t_a < eos
-        # [NB, BC] row ii of every block of -Ad, read again (from the cache) rather than picked out
-        # of the register tile by a sum across warps
-        b_a = -tl.load(Akk + (i_hv * R + row_base + tl.where(m_a, t_a, bos))[:, None] * BT + o_b[:, None] * BC
-                       + o_c[None, :], mask=m_a[:, None] & (o_c < ii)[None, :], other=0.0)
-        b_a = b_a + tl.sum(b_a[:, :, None] * b_Z3, 1)
-        b_Z3 = tl.where((o_c == ii)[None, :, None], b_a[:, None, :], b_Z3)
-    # [BT, BT] the blocks of Z on the diagonal
-    b_Z = tl.reshape(tl.where(o_b[:, None, None, None] == o_b[None, None, :, None], b_Z3[:, :, None, :], 0.0),
-                     (BT, BT))
+    b_Z = tl.where(m_same, b_Akk, 0.0)
     b_I = tl.where(o_t[:, None] == o_t[None, :], 1.0, 0.0)
     b_Yd = b_Z + b_I
     # 3xTF32 products on operands split once each (_split: cheaper than the per-product split of
@@ -778,9 +781,9 @@ def chunk_kda(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor
     if d.T == 0 or d.N == 0:
         return empty_result(q, v, d, initial_state, output_final_state)
     if d.K < MIN_CHUNK_K:
-        # With K < 8 the 64 keys of a chunk are nearly collinear and the forward substitution of
-        # the UT transform amplifies float32 rounding past the error budget (K = 4, no decay:
-        # 1.02x-2x of it, where the token-by-token form stays at 0.2-0.4x); the recurrent form is
+        # With K < 8 the 64 keys of a chunk are nearly collinear and the UT transform's solve
+        # amplifies float32 rounding past the error budget (K = 4, no decay, measured with a
+        # forward substitution on the diagonal blocks: 1.02x-2x of it, where the token-by-token form stays at 0.2-0.4x); the recurrent form is
         # exact enough and cheap for a state this small.
         return fused_recurrent_kda(q, k, v, g, beta, scale=scale, initial_state=initial_state,
                                    output_final_state=output_final_state, cu_seqlens=cu_seqlens,

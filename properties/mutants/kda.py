@@ -107,10 +107,11 @@ norms_swapped = _entry(
     ("b_rk = tl.load(nrm + o_row, mask=m_t, other=0.0)",
      "b_rk = tl.load(nrm + (HV + i_hv) * R + row_base + t_t, mask=m_t, other=0.0)"))
 
-# the UT solve's forward substitution sums Z over the wrong axis of the stacked diagonal blocks
-substitution_wrong_axis = _entry(
-    "substitution_wrong_axis", CHUNK,
-    ("b_a = b_a + tl.sum(b_a[:, :, None] * b_Z3, 1)", "b_a = b_a + tl.sum(b_a[:, :, None] * b_Z3, 2)"))
+# the diagonal blocks' inversion by doubling stops one level short: pairs of rows in different
+# halves of a 16-row block keep the inverse's lower-left block at zero
+inverse_level_short = _entry(
+    "inverse_level_short", CHUNK,
+    ("for lvl in tl.static_range(1, BC.bit_length() - 1):", "for lvl in tl.static_range(1, BC.bit_length() - 2):"))
 
 # the off-diagonal kernel writes only the earlier sub-blocks' columns, leaving
 # the zeros past the diagonal block (which the state kernel's output product reads) unwritten
@@ -157,8 +158,8 @@ MUTANTS = {
                               "chunk: the joined Akk/Aqk product's halves are swapped"),
     "norms_swapped": ("norms_swapped", ("test_equivalence", "test_forms_agree"),
                       "chunk: the WY/UT kernel scales k's rows by q's L2 norms"),
-    "substitution_wrong_axis": ("substitution_wrong_axis", ("test_equivalence", "test_forms_agree"),
-                                "chunk: the UT substitution sums over the wrong axis"),
+    "inverse_level_short": ("inverse_level_short", ("test_equivalence", "test_forms_agree"),
+                            "chunk: the diagonal blocks' inversion skips its last doubling level"),
     "offdiag_upper_unwritten": ("offdiag_upper_unwritten", ("test_equivalence", "test_forms_agree"),
                                 "chunk: the off-diagonal pass leaves Aqk's columns past the block unwritten"),
 }
