@@ -165,8 +165,8 @@ def _kda_chunk_diag_kernel(
     b_Aqk_d = tl.where(m_le, b_Aqk_d, 0.0) * scale
     m_d = m_i[:, None] & (o_j < BC)[None, :]
     # Akk's diagonal block is only needed inverted: Z = (I + Akk_d)^-1 - I (strictly lower) goes in
-    # its place. Here it runs on a program per sub-block (H100, HV 16: this kernel 0.77 -> 0.80 ms);
-    # the WY/UT kernel's forward substitution of BC - 1 dependent steps took it 0.29 (1.37 -> 1.07)
+    # its place. Here it runs on a program per sub-block (H100, HV 16: this kernel 0.77 -> 0.82 ms);
+    # the WY/UT kernel's forward substitution of BC - 1 dependent steps took it 0.29 (1.37 -> 1.08)
     b_Zd = tl.where(m_lt, _unit_lower_inverse(b_Akk_d, BC), 0.0)
     tl.store(Akk + o_row[:, None] + r + o_j[None, :], b_Zd, mask=m_d)
     tl.store(Aqk + o_row[:, None] + r + o_j[None, :], cast_to(b_Aqk_d, Aqk.dtype.element_ty, EXACT_ROUNDING),
