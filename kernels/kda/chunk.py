@@ -783,8 +783,9 @@ def chunk_kda(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor
     if d.K < MIN_CHUNK_K:
         # With K < 8 the 64 keys of a chunk are nearly collinear and the UT transform's solve
         # amplifies float32 rounding past the error budget (K = 4, no decay, measured with a
-        # forward substitution on the diagonal blocks: 1.02x-2x of it, where the token-by-token form stays at 0.2-0.4x); the recurrent form is
-        # exact enough and cheap for a state this small.
+        # forward substitution on the diagonal blocks: 1.02x-2x of it, where the token-by-token
+        # form stays at 0.2-0.4x); the recurrent form is exact enough and cheap for a state this
+        # small.
         return fused_recurrent_kda(q, k, v, g, beta, scale=scale, initial_state=initial_state,
                                    output_final_state=output_final_state, cu_seqlens=cu_seqlens,
                                    use_qk_l2norm=use_qk_l2norm)
