@@ -9,14 +9,20 @@ fp8 outputs are compared as stored values upcast to float64 (dequantised by the 
 scale applies) with eps = 2**-3. Where G is finite, a non-finite K always fails; where G is not
 finite (an lse of -inf), K must hold the same value. Failures name the worst element, its index,
 the error, the budget and the line that reproduces the case.
+
+With KERNELFUZZ_MARGINS=DIR every comparison also appends its worst error over its budget to
+DIR/margins-<pid>.tsv (ratio, name, error, budget, reproduction line): how close the passing
+cases come, so that a campaign shows the draws that nearly fail, each replayable.
 """
 import math
+import os
 
 import torch
 
 from properties import harness
 
 FP8_EPS = 2.0 ** -3
+MARGINS_ENV = "KERNELFUZZ_MARGINS"
 
 
 def eps_of(dtype: torch.dtype) -> float:
@@ -35,6 +41,17 @@ def _index(flat_index: int, shape) -> tuple:
 
 def _fail(msg: str) -> None:
     raise AssertionError(msg + "\n  reproduce: " + harness.repro_line())
+
+
+def _log_margin(name: str, worst: float, budget: float) -> None:
+    """Append one comparison's worst error over its budget to the margins log, if one is asked for."""
+    out_dir = os.environ.get(MARGINS_ENV)
+    if not out_dir:
+        return
+    os.makedirs(out_dir, exist_ok=True)
+    ratio = worst / budget if budget > 0 else (0.0 if worst == 0 else math.inf)
+    with open(os.path.join(out_dir, f"margins-{os.getpid()}.tsv"), "a") as fh:
+        fh.write(f"{ratio:.4g}\t{name}\t{worst:.4g}\t{budget:.4g}\t{harness.repro_line()}\n")
 
 
 def budget_of(golden: torch.Tensor, reference: torch.Tensor, out_dtype: torch.dtype):
@@ -75,6 +92,7 @@ def assert_close(name: str, actual: torch.Tensor, golden: torch.Tensor, referenc
     err = torch.where(finite & ~torch.isfinite(a), torch.full_like(g, math.inf), err)
     i = int(err.flatten().argmax())
     worst = err.flatten()[i].item()
+    _log_margin(name, worst, budget)
     if not worst <= budget:
         _fail(f"{name}: error {worst:.4g} at index {_index(i, g.shape)} exceeds the budget {budget:.4g} "
               f"(kernel {a.flatten()[i].item():.6g}, golden {g.flatten()[i].item():.6g}, "

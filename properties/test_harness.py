@@ -35,6 +35,23 @@ def test_budget_rule():
         assert_close("x", outside, golden, reference, torch.bfloat16)
 
 
+def test_margins_log(tmp_path, monkeypatch):
+    """With KERNELFUZZ_MARGINS set, each comparison appends its error over its budget, passing or not."""
+    monkeypatch.setenv("KERNELFUZZ_MARGINS", str(tmp_path))
+    golden = torch.tensor([1.0, -2.0], dtype=torch.float64)
+    reference = golden + 1e-3
+    budget = budget_of(golden, reference, torch.float32)[0]
+    actual = golden.clone()
+    actual[1] += 0.25 * budget
+    assert_close("near", actual, golden, reference, torch.float32)
+    actual[0] -= 3 * budget
+    with pytest.raises(AssertionError):
+        assert_close("past", actual, golden, reference, torch.float32)
+    rows = [line.split("\t") for line in (tmp_path / f"margins-{os.getpid()}.tsv").read_text().splitlines()]
+    assert [(r[1], float(r[0])) for r in rows] == [("near", pytest.approx(0.25, rel=1e-3)),
+                                                   ("past", pytest.approx(3.0, rel=1e-3))]
+
+
 def test_nan_and_inf_fail_where_golden_is_finite():
     golden = torch.zeros(4, dtype=torch.float64)
     for bad in (math.nan, math.inf, -math.inf):
