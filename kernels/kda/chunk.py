@@ -40,7 +40,7 @@ from kernels.kda._common import check_kda_args, empty_result, load_state, pow2, 
 from kernels.kda.fused_recurrent import fused_recurrent_kda
 
 BT = 64  # chunk size
-MIN_CHUNK_K = 8  # below this head dim chunk_kda runs the token-by-token form (see chunk_kda)
+MIN_CHUNK_K = 32  # below this head dim chunk_kda runs the token-by-token form (see chunk_kda)
 BC = 16  # sub-block rows of the diagonal and off-diagonal kernels: BT // BC sub-blocks per chunk
 INTERPRETER_SMS = 8  # SM count the launch config assumes for CPU tensors (the interpreter)
 
@@ -764,7 +764,7 @@ def chunk_kda(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor
         config: launch override for benchmarks (keys of _launch_config, and dot_prec: the
             state-path dot precision, "tf32x3" for 16-bit inputs and "ieee" for float32).
 
-    With K < MIN_CHUNK_K (8) it runs fused_recurrent_kda instead: the chunked solve is not accurate
+    With K < MIN_CHUNK_K (32) it runs fused_recurrent_kda instead: the chunked form is not accurate
     enough there (see the comment at the dispatch).
 
     Returns:
@@ -781,11 +781,13 @@ def chunk_kda(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor
     if d.T == 0 or d.N == 0:
         return empty_result(q, v, d, initial_state, output_final_state)
     if d.K < MIN_CHUNK_K:
-        # With K < 8 the 64 keys of a chunk are nearly collinear and the UT transform's solve
-        # amplifies float32 rounding past the error budget (K = 4, no decay, measured with a
-        # forward substitution on the diagonal blocks: 1.02x-2x of it, where the token-by-token
-        # form stays at 0.2-0.4x); the recurrent form is exact enough and cheap for a state this
-        # small.
+        # A chunk's 64 keys in K < 32 dims are at least twice overcomplete: each chunk overwrites
+        # the state several times over, and the chunked form's float32 products (the solve, w, u,
+        # U = u - w S, the sum of the chunk's rank-1 state updates) cancel heavily. Worst final
+        # state over its float32 budget, random keys, gates zero, slow and logsigmoid, T <= 200
+        # (30 draws per K on the CPU interpreter / 50 on an H200): K = 8: 0.96 / 0.89, and 1.65 in
+        # one draw on the CPU (a kept regression); K = 16: 0.89 / 0.80; K = 32: 0.60 / 0.54. The
+        # recurrent form stays within the budget and is cheap for a state this small.
         return fused_recurrent_kda(q, k, v, g, beta, scale=scale, initial_state=initial_state,
                                    output_final_state=output_final_state, cu_seqlens=cu_seqlens,
                                    use_qk_l2norm=use_qk_l2norm)
