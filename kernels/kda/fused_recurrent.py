@@ -16,6 +16,27 @@ from kernels.kda._common import check_kda_args, empty_result, load_state, pow2, 
 L2_EPS = 1e-6  # q / sqrt(sum q^2 + 1e-6), as fla's l2norm
 
 
+@triton.jit
+def _token_inputs(p_q, p_k, p_g, p_v, p_beta, t, m_t, m_k, m_v, scale, s_q_t, s_k_t, s_g_t, s_v_t, s_b_t,
+                  USE_QK_L2NORM: tl.constexpr):
+    """Token t's q (L2-normed if asked, scaled), k (L2-normed if asked), decay exp(g), v and beta,
+    as float32; zeros where m_t is false (past the sequence's end)."""
+    # [BK]
+    b_q = tl.load(p_q + t * s_q_t, mask=m_k & m_t, other=0.0).to(tl.float32)
+    b_k = tl.load(p_k + t * s_k_t, mask=m_k & m_t, other=0.0).to(tl.float32)
+    b_g = tl.load(p_g + t * s_g_t, mask=m_k & m_t, other=0.0).to(tl.float32)
+    # [BV]
+    b_v = tl.load(p_v + t * s_v_t, mask=m_v & m_t, other=0.0).to(tl.float32)
+    b_beta = tl.load(p_beta + t * s_b_t, mask=m_t, other=0.0).to(tl.float32)
+    if USE_QK_L2NORM:
+        b_q = b_q / tl.sqrt(tl.sum(b_q * b_q) + 1e-6)
+        b_k = b_k / tl.sqrt(tl.sum(b_k * b_k) + 1e-6)
+    # exp in float64, rounded once to float32: a float32 exp (the GPU's ex2.approx, numpy's under
+    # the interpreter) is off by 1-2 ulp, and where the state's entries cancel (a result several
+    # times smaller than the terms) that alone exceeds the float32 budget
+    return b_q * scale, b_k, tl.exp(b_g.to(tl.float64)).to(tl.float32), b_v, b_beta
+
+
 @triton.jit(do_not_specialize=["T", "HV", "K", "V", "GROUP"])
 def _kda_recurrent_kernel(
     # pointers
@@ -62,27 +83,20 @@ def _kda_recurrent_kernel(
     p_beta = beta + i_b * s_b_b + i_hv * s_b_h
     # o is allocated contiguous [B, T, HV, V]
     p_o = o + (i_b * T * HV + i_hv) * V + o_v
+    # token t's inputs are loaded and prepared during token t - 1, off the state's dependency chain
+    # (the loads, the L2 norms and exp(g) do not depend on the state)
+    b_q, b_k, b_d, b_v, b_beta = _token_inputs(p_q, p_k, p_g, p_v, p_beta, bos, bos < eos, m_k, m_v, scale,
+                                               s_q_t, s_k_t, s_g_t, s_v_t, s_b_t, USE_QK_L2NORM)
     for t in range(bos, eos):
-        # [BK]
-        b_q = tl.load(p_q + t * s_q_t, mask=m_k, other=0.0).to(tl.float32)
-        b_k = tl.load(p_k + t * s_k_t, mask=m_k, other=0.0).to(tl.float32)
-        b_g = tl.load(p_g + t * s_g_t, mask=m_k, other=0.0).to(tl.float32)
-        # [BV]
-        b_v = tl.load(p_v + t * s_v_t, mask=m_v, other=0.0).to(tl.float32)
-        b_beta = tl.load(p_beta + t * s_b_t).to(tl.float32)
-        if USE_QK_L2NORM:
-            b_q = b_q / tl.sqrt(tl.sum(b_q * b_q) + 1e-6)
-            b_k = b_k / tl.sqrt(tl.sum(b_k * b_k) + 1e-6)
-        b_q = b_q * scale
-        # exp in float64, rounded once to float32: a float32 exp (the GPU's ex2.approx, numpy's under
-        # the interpreter) is off by 1-2 ulp, and where the state's entries cancel (a result several
-        # times smaller than the terms) that alone exceeds the float32 budget
-        b_h = b_h * tl.exp(b_g.to(tl.float64)).to(tl.float32)[:, None]
+        n_q, n_k, n_d, n_v, n_beta = _token_inputs(p_q, p_k, p_g, p_v, p_beta, t + 1, t + 1 < eos, m_k, m_v,
+                                                   scale, s_q_t, s_k_t, s_g_t, s_v_t, s_b_t, USE_QK_L2NORM)
+        b_h = b_h * b_d[:, None]
         # [BV] delta: beta (v - S^T k)
         b_u = b_beta * (b_v - tl.sum(b_h * b_k[:, None], 0))
         b_h += b_k[:, None] * b_u[None, :]
         b_o = tl.sum(b_h * b_q[:, None], 0)
         tl.store(p_o + t * HV * V, cast_to(b_o, o.dtype.element_ty, EXACT_ROUNDING), mask=m_v)
+        b_q, b_k, b_d, b_v, b_beta = n_q, n_k, n_d, n_v, n_beta
 
     if STORE_FINAL_STATE:
         store_state(ht, b_h, i_n, i_hv, o_k, o_v, m_h, HV, K, V)

@@ -27,10 +27,10 @@ gva_modulo_recurrent = _entry(
 # the decay multiplies the state after the delta update instead of before it
 decay_after_update_recurrent = _entry(
     "decay_after_update_recurrent", RECURRENT,
-    ("        b_h = b_h * tl.exp(b_g.to(tl.float64)).to(tl.float32)[:, None]\n", ""),
+    ("        b_h = b_h * b_d[:, None]\n", ""),
     ("        b_h += b_k[:, None] * b_u[None, :]\n",
      "        b_h += b_k[:, None] * b_u[None, :]\n"
-     "        b_h = b_h * tl.exp(b_g.to(tl.float64)).to(tl.float32)[:, None]\n"))
+     "        b_h = b_h * b_d[:, None]\n"))
 decay_after_update_chunk = _entry(
     "decay_after_update_chunk", CHUNK,
     ("return b_h * b_gl[:, None] + _dot_state(b_kgt, u_hi, u_lo, tl.zeros_like(b_h), SPLIT, DOT_PREC)",
@@ -57,13 +57,13 @@ drop_last_partial_chunk = _entry(
 # beta read as 1
 beta_ignored = _entry(
     "beta_ignored", RECURRENT,
-    ("b_beta = tl.load(p_beta + t * s_b_t).to(tl.float32)",
-     "b_beta = tl.load(p_beta + t * s_b_t).to(tl.float32) * 0.0 + 1.0"))
+    ("b_beta = tl.load(p_beta + t * s_b_t, mask=m_t, other=0.0).to(tl.float32)",
+     "b_beta = tl.load(p_beta + t * s_b_t, mask=m_t, other=0.0).to(tl.float32) * 0.0 + 1.0"))
 
 # use_qk_l2norm ignored
 l2norm_skipped = _entry(
     "l2norm_skipped", RECURRENT,
-    ("        if USE_QK_L2NORM:\n            b_q = b_q / tl.sqrt", "        if False:\n            b_q = b_q / tl.sqrt"))
+    ("    if USE_QK_L2NORM:\n        b_q = b_q / tl.sqrt", "    if False:\n        b_q = b_q / tl.sqrt"))
 
 # the state kernel starts from zeros: the initial state is never read
 initial_state_ignored = _entry(
