@@ -788,8 +788,8 @@ def chunk_kda(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor
         # (30 draws per K on the CPU interpreter / 50 on an H200): K = 8: 0.96 / 0.89, and 1.65 in
         # one draw on the CPU (a kept regression); K = 16: 0.89 / 0.80; K = 32: 0.60 / 0.54. The
         # recurrent form stays within the budget, at a price in long prefills: T = 32768, H = 16,
-        # V = 128, bf16 on an H100, 50-52 ms (K = 8, 16) and 79 ms (K = 24) against 2.1-4.5 ms
-        # chunked (HV 16 and 32), its time being T steps of one token's latency.
+        # V = 128, bf16 on an H100, 34-45 ms (K = 8, 16, 24; HV 16 and 32) against 2.1-4.5 ms
+        # chunked, its time being T steps of one token's latency.
         return fused_recurrent_kda(q, k, v, g, beta, scale=scale, initial_state=initial_state,
                                    output_final_state=output_final_state, cu_seqlens=cu_seqlens,
                                    use_qk_l2norm=use_qk_l2norm)
