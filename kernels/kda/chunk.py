@@ -37,7 +37,7 @@ import triton.language as tl
 
 from kernels._triton import cast_to, interpreting, round_bits
 from kernels.kda._common import check_kda_args, empty_result, load_state, pow2, store_state
-from kernels.kda.fused_recurrent import fused_recurrent_kda
+from kernels.kda.fused_recurrent import L2_EPS, fused_recurrent_kda
 
 BT = 64  # chunk size
 MIN_CHUNK_K = 32  # below this head dim chunk_kda runs the token-by-token form (see chunk_kda)
@@ -124,8 +124,8 @@ def _kda_chunk_diag_kernel(
             b_qs = tl.load(p_qs + o_k[None, :] * s_q_k, mask=m_i[:, None] & m_k[None, :], other=0.0).to(tl.float32)
             b_sks += tl.sum(b_ks * b_ks, 1)
             b_sqs += tl.sum(b_qs * b_qs, 1)
-        b_rks = 1.0 / tl.sqrt(b_sks + 1e-6)
-        b_rqs = 1.0 / tl.sqrt(b_sqs + 1e-6)
+        b_rks = 1.0 / tl.sqrt(b_sks + L2_EPS)
+        b_rqs = 1.0 / tl.sqrt(b_sqs + L2_EPS)
         # nrm [2, HV, rows]: k's, then q's
         tl.store(nrm + i_hv * R + row_base + t_i, b_rks, mask=m_i)
         tl.store(nrm + (HV + i_hv) * R + row_base + t_i, b_rqs, mask=m_i)

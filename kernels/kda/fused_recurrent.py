@@ -13,7 +13,7 @@ import triton.language as tl
 from kernels._triton import cast_to, interpreting
 from kernels.kda._common import check_kda_args, empty_result, load_state, pow2, store_state
 
-L2_EPS = 1e-6  # q / sqrt(sum q^2 + 1e-6), as fla's l2norm
+L2_EPS = tl.constexpr(1e-6)  # q / sqrt(sum q^2 + 1e-6), as fla's l2norm (constexpr: usable in kernels)
 
 
 @triton.jit
@@ -29,8 +29,8 @@ def _token_inputs(p_q, p_k, p_g, p_v, p_beta, t, m_t, m_k, m_v, scale, s_q_t, s_
     b_v = tl.load(p_v + t * s_v_t, mask=m_v & m_t, other=0.0).to(tl.float32)
     b_beta = tl.load(p_beta + t * s_b_t, mask=m_t, other=0.0).to(tl.float32)
     if USE_QK_L2NORM:
-        b_q = b_q / tl.sqrt(tl.sum(b_q * b_q) + 1e-6)
-        b_k = b_k / tl.sqrt(tl.sum(b_k * b_k) + 1e-6)
+        b_q = b_q / tl.sqrt(tl.sum(b_q * b_q) + L2_EPS)
+        b_k = b_k / tl.sqrt(tl.sum(b_k * b_k) + L2_EPS)
     # exp in float64, rounded once to float32: a float32 exp (the GPU's ex2.approx, numpy's under
     # the interpreter) is off by 1-2 ulp, and where the state's entries cancel (a result several
     # times smaller than the terms) that alone exceeds the float32 budget
