@@ -1,5 +1,6 @@
 """Benchmark chunk_kda and fused_recurrent_kda (GPU only):
-`python -m bench.kda [--sweep] [--recurrent] [--profile]` (--profile: per-kernel CUDA times).
+`python -m bench.kda [--sweep] [--recurrent] [--profile]` (--profile: per-kernel CUDA times);
+`python -m bench.kda --recurrent-sweep`: fused_recurrent_kda's (BV, num_warps) configs per head dim.
 
 Shapes: B = 1, T = 32768 (one sequence, and varlen: 8 sequences of 4096 packed), H = 16,
 HV in {16, 32}, K = V = 128, bf16 q/k/v/beta, float32 g = logsigmoid(randn) (fla's default gate
@@ -81,6 +82,71 @@ def _inputs(T, H, HV, K, V, dtype, seed=0):
     return q, k, v, g, beta
 
 
+def torch_recurrent_kda(q, k, v, g, beta, scale, cu_seqlens=None, initial_state=None):
+    """Float32 token-by-token KDA in plain PyTorch (q/k L2-normalised): (o [1, T, HV, V], final [N, HV, K, V])."""
+    _, T, H, K = q.shape
+    HV = v.shape[2]
+    grp = HV // H
+    qf, kf = (x[0].float() / torch.sqrt((x[0].float() ** 2).sum(-1, keepdim=True) + 1e-6) for x in (q, k))
+    qf = qf.repeat_interleave(grp, 1) * scale  # [T, HV, K]
+    kf = kf.repeat_interleave(grp, 1)
+    vf, df, bf = v[0].float(), g[0].float().exp(), beta[0].float()
+    bounds = [0, T] if cu_seqlens is None else cu_seqlens.tolist()
+    o = torch.empty_like(vf)
+    finals = []
+    for i, (bos, eos) in enumerate(zip(bounds[:-1], bounds[1:])):
+        S = (initial_state[i].clone() if initial_state is not None
+             else torch.zeros((HV, K, v.shape[3]), dtype=torch.float32, device=q.device))
+        for t in range(bos, eos):
+            S = S * df[t][:, :, None]
+            delta = bf[t][:, None] * (vf[t] - torch.einsum("hkv,hk->hv", S, kf[t]))
+            S = S + kf[t][:, :, None] * delta[:, None, :]
+            o[t] = torch.einsum("hkv,hk->hv", S, qf[t])
+        finals.append(S)
+    return o[None], torch.stack(finals)
+
+
+def recurrent_sweep():
+    """fused_recurrent_kda's (BV, num_warps) configs per head dim K (V = 128, bf16): one sequence of
+    4096 tokens at H = HV = 16 (a token's latency) and decode (256 one-token sequences, HV 32, initial
+    states); three interleaved rounds, median ms. Each config is first checked against the eager
+    float32 recurrence."""
+    import statistics
+    from kernels.kda import fused_recurrent_kda
+    from kernels.kda._common import pow2
+    from kernels.kda.fused_recurrent import _launch_config
+    tol = 2 * torch.finfo(torch.bfloat16).eps
+    cands = [(8, 1), (16, 1), (32, 1), (64, 1), (16, 2), (32, 2), (16, 4), (32, 4), (64, 4), (32, 8)]
+    rows = []
+    for K in (8, 16, 24, 32, 48, 64, 96, 128, 192, 256):
+        for mode in ("prefill", "decode"):
+            T, HV, N = (4096, 16, 1) if mode == "prefill" else (256, 32, 256)
+            q, k, v, g, beta = _inputs(T, 16, HV, K, 128, torch.bfloat16)
+            kw = dict(scale=K ** -0.5, use_qk_l2norm=True, output_final_state=True)
+            if mode == "decode":
+                kw.update(cu_seqlens=torch.arange(N + 1, device="cuda", dtype=torch.int32),
+                          initial_state=torch.randn(N, HV, K, 128, device="cuda"))
+            ro, rh = torch_recurrent_kda(q, k, v, g, beta, kw["scale"], kw.get("cu_seqlens"), kw.get("initial_state"))
+            # at most 128 state elements per thread (more spill)
+            cfgs = [c for c in cands if 128 * 32 * c[1] >= pow2(K) * c[0] >= 32 * c[1]]
+            times = {c: [] for c in cfgs}
+            for c in cfgs:
+                co, ch = fused_recurrent_kda(q, k, v, g, beta, config=c, **kw)
+                if not (_rel_err(co, ro) <= tol and _rel_err(ch, rh) <= tol):
+                    raise SystemExit(f"fused_recurrent_kda config {c} disagrees with the eager float32 recurrence "
+                                     f"(K={K}, {mode}): rel err o {_rel_err(co, ro):.3g}, state {_rel_err(ch, rh):.3g}")
+            for _ in range(3):
+                for c in cfgs:
+                    times[c].append(bench_ms(lambda: fused_recurrent_kda(q, k, v, g, beta, config=c, **kw),
+                                             warmup_ms=5, rep_ms=30))
+            default = _launch_config(K, 128)
+            for c in cfgs:
+                rows.append(dict(op="fused_recurrent_kda", shape=f"{mode} T{T} N{N} H16 HV{HV} K{K} V128",
+                                 dtype="bf16", config=f"BV {c[0]} warps {c[1]}" + (" (default)" if c == default else ""),
+                                 ms=statistics.median(times[c])))
+    record(rows)
+
+
 def _fla():
     try:
         from fla.ops.kda import chunk_kda as fla_chunk_kda
@@ -118,12 +184,17 @@ def main():
     ap.add_argument("--T", type=int, default=32768)
     ap.add_argument("--sweep", action="store_true", help="also time alternative chunk_kda configs")
     ap.add_argument("--recurrent", action="store_true", help="also time fused_recurrent_kda")
+    ap.add_argument("--recurrent-sweep", action="store_true",
+                    help="only sweep fused_recurrent_kda's configs per head dim (prefill and decode)")
     ap.add_argument("--profile", action="store_true", help="print chunk_kda's per-kernel CUDA times")
     ap.add_argument("--no-fla", action="store_true")
     ap.add_argument("--hv", type=int, nargs="+", default=[16, 32], help="value head counts")
     ap.add_argument("--varlen", choices=("both", "no", "yes"), default="both",
                     help="one sequence, 8 packed sequences, or both")
     args = ap.parse_args()
+    if args.recurrent_sweep:
+        recurrent_sweep()
+        return
     from kernels.kda import chunk_kda, fused_recurrent_kda
 
     fla = None if args.no_fla else _fla()

@@ -104,16 +104,17 @@ def _kda_recurrent_kernel(
 
 # (BV, num_warps) per padded head dim BK. A token's time is the latency of its dependent chain (the
 # decay, the sum S^T k over K, the rank-1 update), so one warp (the K sums stay within its lanes,
-# no shared-memory round trip) over a narrow V tile wins. H100, bf16, V = 128, ms: one sequence of
-# 4096 tokens at HV 16, then decode (256 one-token sequences, HV 32, initial states), against the
-# earlier (BV, warps) = (64, 4) below BK 128 and (32, 4) at 128:
+# no shared-memory round trip) over a narrow V tile wins. `python -m bench.kda --recurrent-sweep`
+# (H100, bf16, V = 128, ms): one sequence of 4096 tokens at HV 16, then decode (256 one-token
+# sequences, HV 32, initial states), against the earlier (BV, warps) = (64, 4) below BK 128 and
+# (32, 4) at 128:
 #   BK 8: 3.78 / 0.078 against 5.10 / 0.133;  BK 16 (32, 2): 3.97 / 0.081 against 4.19 / 0.094;
-#   BK 32: 3.11-3.15 / 0.080-0.098 against 5.69-5.80 / 0.137-0.147;
+#   BK 32: 3.11-3.15 / 0.080-0.136 against 5.69-5.80 / 0.137-0.152;
 #   BK 64: 3.71-3.72 / 0.159-0.193 against 22.7-22.8 / 0.259-0.273 (the old (64, 4) stalled there);
 #   BK 128: 4.62-4.63 / 0.323-0.413 against 4.79-4.80 / 0.325-0.438.
 # BK 256 keeps (32, 8): 6.0 / 0.76-0.87; (32, 4) 5.8 / 0.66-0.93 and (16, 4) 5.2 / 0.81-0.95 trade
-# one shape for the other. Narrower tiles or one warp at BK 16: 16 / 4 prefills in 3.49 but
-# decodes in 0.214.
+# one shape for the other. At BK 16, (16, 4) prefills in 3.49 but decodes in 0.214, and (32, 1)
+# decodes in 0.070 but prefills in 4.52.
 _CONFIGS = {8: (64, 1), 16: (32, 2), 32: (32, 1), 64: (16, 1), 128: (16, 1), 256: (32, 8)}
 
 
