@@ -5,7 +5,8 @@ a gate mode and a key mode; `build` makes q, k, v, g, beta (and the initial stat
 its seed. Key mode (`keys`, not drawn: set it in a --case replay): "random" (the default), or
 "repeated": every key of a head is one direction plus 1% noise and beta lies in [0.8, 1), as when
 a prompt repeats a token. A chunk's keys are then nearly collinear; chunk_kda's float32 error there
-reaches the error budget (bench/RESULTS.md, kda: "Repeated keys").
+reaches the error budget on the CPU interpreter and, in a kept regression case, exceeds it on an H100
+(bench/RESULTS.md, kda: "Repeated keys").
 Without use_qk_l2norm, random keys would make the delta rule diverge (S <- (I - beta k k^T) S is
 a contraction only for beta |k|^2 < 2), so k is drawn at ~0.5 / sqrt(K) per element then.
 """
