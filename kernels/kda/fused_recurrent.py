@@ -109,8 +109,8 @@ def _kda_recurrent_kernel(
 # sequences, HV 32, initial states), against the earlier (BV, warps) = (64, 4) below BK 128 and
 # (32, 4) at 128:
 #   BK 8: 3.78 / 0.078 against 5.10 / 0.133;  BK 16 (32, 2): 3.97 / 0.081 against 4.19 / 0.094;
-#   BK 32: 3.11-3.15 / 0.080-0.136 against 5.69-5.80 / 0.137-0.152;
-#   BK 64: 3.71-3.72 / 0.159-0.193 against 22.7-22.8 / 0.259-0.273 (the old (64, 4) stalled there);
+#   BK 32: 3.11-3.15 / 0.080-0.136 against 5.69-5.80 / 0.137-0.149;
+#   BK 64: 3.71-3.72 / 0.159-0.193 against 22.7-22.8 / 0.259-0.273;
 #   BK 128: 4.62-4.63 / 0.323-0.413 against 4.79-4.80 / 0.325-0.438.
 # BK 256 keeps (32, 8): 6.0 / 0.76-0.87; (32, 4) 5.8 / 0.66-0.93 and (16, 4) 5.2 / 0.81-0.95 trade
 # one shape for the other. At BK 16, (16, 4) prefills in 3.49 but decodes in 0.214, and (32, 1)
