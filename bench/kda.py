@@ -82,36 +82,13 @@ def _inputs(T, H, HV, K, V, dtype, seed=0):
     return q, k, v, g, beta
 
 
-def torch_recurrent_kda(q, k, v, g, beta, scale, cu_seqlens=None, initial_state=None):
-    """Float32 token-by-token KDA in plain PyTorch (q/k L2-normalised): (o [1, T, HV, V], final [N, HV, K, V])."""
-    _, T, H, K = q.shape
-    HV = v.shape[2]
-    grp = HV // H
-    qf, kf = (x[0].float() / torch.sqrt((x[0].float() ** 2).sum(-1, keepdim=True) + 1e-6) for x in (q, k))
-    qf = qf.repeat_interleave(grp, 1) * scale  # [T, HV, K]
-    kf = kf.repeat_interleave(grp, 1)
-    vf, df, bf = v[0].float(), g[0].float().exp(), beta[0].float()
-    bounds = [0, T] if cu_seqlens is None else cu_seqlens.tolist()
-    o = torch.empty_like(vf)
-    finals = []
-    for i, (bos, eos) in enumerate(zip(bounds[:-1], bounds[1:])):
-        S = (initial_state[i].clone() if initial_state is not None
-             else torch.zeros((HV, K, v.shape[3]), dtype=torch.float32, device=q.device))
-        for t in range(bos, eos):
-            S = S * df[t][:, :, None]
-            delta = bf[t][:, None] * (vf[t] - torch.einsum("hkv,hk->hv", S, kf[t]))
-            S = S + kf[t][:, :, None] * delta[:, None, :]
-            o[t] = torch.einsum("hkv,hk->hv", S, qf[t])
-        finals.append(S)
-    return o[None], torch.stack(finals)
-
-
 def recurrent_sweep():
     """fused_recurrent_kda's (BV, num_warps) configs per head dim K (V = 128, bf16): one sequence of
     4096 tokens at H = HV = 16 (a token's latency) and decode (256 one-token sequences, HV 32, initial
-    states); three interleaved rounds, median ms. Each config is first checked against the eager
-    float32 recurrence."""
+    states); three interleaved rounds, median ms. Each config is first checked against the oracle's
+    float32 recurrence (the prefill on its first 256 tokens: the oracle loops over heads and tokens)."""
     import statistics
+    from oracles.kda import kda as oracle_kda
     from kernels.kda import fused_recurrent_kda
     from kernels.kda._common import pow2
     from kernels.kda.fused_recurrent import _launch_config
@@ -126,14 +103,16 @@ def recurrent_sweep():
             if mode == "decode":
                 kw.update(cu_seqlens=torch.arange(N + 1, device="cuda", dtype=torch.int32),
                           initial_state=torch.randn(N, HV, K, 128, device="cuda"))
-            ro, rh = torch_recurrent_kda(q, k, v, g, beta, kw["scale"], kw.get("cu_seqlens"), kw.get("initial_state"))
+            # the checked inputs: the prefill's first 256 tokens, or the whole decode batch
+            x = tuple(t[:, :256] for t in (q, k, v, g, beta)) if mode == "prefill" else (q, k, v, g, beta)
+            ro, rh = oracle_kda(*x, compute_dtype=torch.float32, **kw)
             # at most 128 state elements per thread (more spill)
             cfgs = [c for c in cands if 128 * 32 * c[1] >= pow2(K) * c[0] >= 32 * c[1]]
             times = {c: [] for c in cfgs}
             for c in cfgs:
-                co, ch = fused_recurrent_kda(q, k, v, g, beta, config=c, **kw)
+                co, ch = fused_recurrent_kda(*x, config=c, **kw)
                 if not (_rel_err(co, ro) <= tol and _rel_err(ch, rh) <= tol):
-                    raise SystemExit(f"fused_recurrent_kda config {c} disagrees with the eager float32 recurrence "
+                    raise SystemExit(f"fused_recurrent_kda config {c} disagrees with the float32 oracle "
                                      f"(K={K}, {mode}): rel err o {_rel_err(co, ro):.3g}, state {_rel_err(ch, rh):.3g}")
             for _ in range(3):
                 for c in cfgs:
